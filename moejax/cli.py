@@ -1,0 +1,89 @@
+"""The ``moejax`` command: ``moejax COMMAND --config FILE[:ARG] [--config.a.b=v ...]``.
+
+  moejax train --config configs/tiny.py --workdir workdirs/tiny --config.train.steps=200
+  moejax eval  --config configs/tiny.py --workdir workdirs/tiny
+
+Config overrides use ml-collections' dotted flags; an unknown or ill-typed
+field is an error. All logic lives in the library (``moejax.train``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+USAGE = """usage: moejax COMMAND --config configs/FILE.py[:ARG] [--workdir DIR] [--config.FIELD=VALUE ...]
+
+commands:
+  train   train (or resume) a model; leaves checkpoints, metrics.jsonl,
+          TensorBoard events and config.json in --workdir
+  eval    evaluate the latest checkpoint in --workdir on the validation split
+"""
+
+
+def _parse(command: str, argv: list[str]):
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py[:variant]",
+                                  flag_values=fv, lock_config=True, sys_argv=["moejax", *argv])
+  flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config name>)", flag_values=fv)
+  try:
+    fv(["moejax " + command, *argv])
+  except (AttributeError, KeyError) as err:  # ml-collections' error for a field that does not exist
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    raise flags.Error(f"unknown config field among {overrides}: {str(err).strip(chr(39))}") from None
+  if fv["config"].value is None:
+    raise flags.Error("--config is required, e.g. --config configs/tiny.py")
+  cfg = fv["config"].value
+  workdir = fv["workdir"].value or _default_workdir(fv["config"].config_filename)
+  return cfg, workdir
+
+
+def _default_workdir(config_arg: str) -> str:
+  path, _, variant = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("workdirs", name + (f"-{variant}" if variant else ""))
+
+
+def cmd_train(argv: list[str]) -> int:
+  from moejax.train import train
+
+  cfg, workdir = _parse("train", argv)
+  print(f"moejax train: workdir {workdir}", file=sys.stderr)
+  train(cfg, workdir)
+  return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+  from moejax.train import evaluate_checkpoint
+
+  cfg, workdir = _parse("eval", argv)
+  results = evaluate_checkpoint(cfg, workdir)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  print(json.dumps(results, indent=2))
+  return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] not in COMMANDS:
+    print(USAGE, file=sys.stderr)
+    return 0 if argv and argv[0] in ("-h", "--help", "help") else 2
+  from moejax.config import ConfigError
+
+  try:
+    return COMMANDS[argv[0]](argv[1:])
+  except (flags.Error, ConfigError, FileNotFoundError) as err:
+    print(f"moejax {argv[0]}: error: {err}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,40 @@
+"""Feed-forward layers and the ``MLP`` registry (``model.mlp_types``).
+
+Every MLP type is a Linen module constructed as ``cls(cfg=model_cfg)`` and
+called as ``mlp(x_BxTxD) -> y_BxTxD``. Auxiliary losses (e.g. MoE load
+balance) are sown into the ``aux_loss`` collection; the trainer adds them.
+"""
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from moejax.layers import DTYPES
+from moejax.registry import Registry
+
+MLP = Registry("mlp type")
+
+
+@MLP.register("dense")
+class SwiGLU(nn.Module):
+  """SwiGLU feed-forward (Shazeer, 2020): ``(silu(x Wg) * (x Wu)) Wd``.
+
+  x_BxTxD -> y_BxTxD with hidden width F = ``cfg.ffn_dim``.
+  """
+
+  cfg: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    d, f = x_BxTxD.shape[-1], cfg.ffn_dim
+    init = nn.initializers.normal(cfg.init_std)
+    w_gate_DxF = self.param("w_gate", nn.with_logical_partitioning(init, ("embed", "mlp")), (d, f), pdtype)
+    w_up_DxF = self.param("w_up", nn.with_logical_partitioning(init, ("embed", "mlp")), (d, f), pdtype)
+    w_down_FxD = self.param("w_down", nn.with_logical_partitioning(init, ("mlp", "embed")), (f, d), pdtype)
+    x = x_BxTxD.astype(dtype)
+    gate_BxTxF = jax.numpy.einsum("BTD,DF->BTF", x, w_gate_DxF.astype(dtype))
+    up_BxTxF = jax.numpy.einsum("BTD,DF->BTF", x, w_up_DxF.astype(dtype))
+    h_BxTxF = nn.with_logical_constraint(nn.silu(gate_BxTxF) * up_BxTxF, ("act_batch", "act_length", "act_mlp"))
+    return jax.numpy.einsum("BTF,FD->BTD", h_BxTxF, w_down_FxD.astype(dtype))

@@ -1,0 +1,76 @@
+"""Where training metrics go: ``metrics.jsonl``, TensorBoard and a progress bar.
+
+``metrics.jsonl`` holds one JSON object per logged step with at least ``step``
+and ``loss``; scripts depend on those names. On resume, records past the
+restored step are dropped (from the JSONL and, via ``purge_step``, from
+TensorBoard) so the files read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    records = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(records)
+  os.replace(tmp, path)
+
+
+class MetricsWriter:
+  """Writes scalar metrics for one run; only process 0 should create one."""
+
+  def __init__(self, workdir: str, start_step: int, total_steps: int, tokens_per_step: int):
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_jsonl(self.jsonl_path, start_step)
+    self._jsonl = open(self.jsonl_path, "a")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+    self._tokens_per_step = tokens_per_step
+    self._last = self._start = (start_step, time.perf_counter())
+    self._interactive = sys.stderr.isatty()
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                          disable=not self._interactive)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    last_step, last_time = self._last
+    now = time.perf_counter()
+    if step > last_step:
+      metrics = dict(metrics, tokens_per_s=(step - last_step) * self._tokens_per_step / (now - last_time))
+    self._last = (step, now)
+    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for k, v in record.items():
+      if k != "step" and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+    self._progress(step, record)
+
+  def _progress(self, step: int, record: dict[str, float]) -> None:
+    shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in record}
+    text = " ".join(f"{k}={v:.4g}" if k != "tokens_per_s" else f"tok/s={v:,.0f}" for k, v in shown.items())
+    if self._interactive:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix_str(text)
+    else:
+      start_step, start_time = self._start
+      rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
+      eta = (self._bar.total - step) / rate if rate > 0 else float("inf")
+      print(f"step {step}/{self._bar.total} {text} eta={eta:.0f}s", file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    self._bar.close()
+    self._jsonl.close()
+    self._tb.close()

@@ -1,40 +1,78 @@
-"""Orbax checkpoints of the train state *and* the data iterator.
+"""Orbax checkpoints of the train state *and* the data iterator, kept safe.
 
 A checkpoint at step s holds everything needed to continue the run exactly:
 parameters, optimizer state, step counter, and the Grain iterator position.
-Orbax writes each step into a temporary directory and renames it only when
-complete, so an interrupted save never replaces the last good checkpoint.
+
+Safety: Orbax writes each step into a temporary directory and renames it only
+when complete, so an interrupted save never replaces the last good
+checkpoint. What an interruption leaves behind (a temporary directory), and a
+finished checkpoint that no longer restores (e.g. a corrupted file), is
+reported and moved to ``workdir/checkpoints_set_aside/`` — never deleted and
+never picked — and the next older checkpoint is used instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+SET_ASIDE = "checkpoints_set_aside"
 
 
 class Checkpointer:
   """Save/restore ``(state, data_iterator)`` under ``workdir/checkpoints``."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.set_aside_log: list[str] = []
+    if os.path.isdir(self.directory):
+      for name in sorted(os.listdir(self.directory)):
+        if not name.isdigit() and os.path.isdir(os.path.join(self.directory, name)):
+          self._set_aside(name, "an unfinished save (the run was interrupted while writing it)")
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+  def _set_aside(self, name: str, reason: str) -> None:
+    """Moves ``checkpoints/name`` to ``checkpoints_set_aside/`` (process 0) and syncs."""
+    message = f"checkpoint {os.path.join(self.directory, name)} is {reason}; moved to {SET_ASIDE}/"
+    log.warning(message)
+    self.set_aside_log.append(message)
+    if jax.process_index() == 0:
+      target_dir = os.path.join(self.workdir, SET_ASIDE)
+      os.makedirs(target_dir, exist_ok=True)
+      target = os.path.join(target_dir, name)
+      if os.path.exists(target):
+        target += f".{time.time_ns()}"
+      shutil.move(os.path.join(self.directory, name), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"moejax set aside {name}")
+
+  def reached_preemption(self, step: int) -> bool:
+    """True at JAX's multi-host preemption sync point (False when it is off)."""
+    return self._manager.reached_preemption(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_iterator=None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**items))
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores onto the shardings carried by ``abstract_state``'s leaves.
@@ -47,6 +85,20 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+
+  def restore_latest(self, abstract_state, data_iterator=None):
+    """(step, state) of the newest checkpoint that restores, or (None, None).
+
+    A checkpoint that fails to restore is reported and set aside, and the
+    next older one is tried.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        return step, self.restore(step, abstract_state, data_iterator)
+      except Exception as err:  # noqa: BLE001 — any failure means this step is unusable
+        self._set_aside(str(step), f"unreadable ({type(err).__name__}: {str(err)[:200]})")
+        self._manager.reload()
+    return None, None
 
   def wait(self) -> None:
     """Blocks until an asynchronous save is on disk."""

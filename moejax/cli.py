@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import flags
@@ -32,14 +33,26 @@ def _parse(command: str, argv: list[str]):
   flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config name>)", flag_values=fv)
   try:
     fv(["moejax " + command, *argv])
+    cfg = fv["config"].value
+    if cfg is None:
+      raise flags.Error("--config is required, e.g. --config configs/tiny.py")
+    cfg.get("model")  # ml-collections defers a failed load to the first access
+  except OSError as err:  # ml-collections could not read or run the config file
+    raise flags.Error(f"cannot load the --config file: {err}") from None
   except (AttributeError, KeyError) as err:  # ml-collections' error for a field that does not exist
-    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    raise flags.Error(f"unknown config field among {overrides}: {str(err).strip(chr(39))}") from None
-  if fv["config"].value is None:
-    raise flags.Error("--config is required, e.g. --config configs/tiny.py")
-  cfg = fv["config"].value
+    raise flags.Error(_unknown_field_message(argv, str(err))) from None
   workdir = fv["workdir"].value or _default_workdir(fv["config"].config_filename)
   return cfg, workdir
+
+
+def _unknown_field_message(argv: list[str], error: str) -> str:
+  """Names the override that does not exist, with ml-collections' suggestion."""
+  overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+  names = re.findall(r"[A-Za-z_][A-Za-z_0-9]*", error)
+  bad = [o for o in overrides if o.rsplit(".", 1)[-1] in names] or overrides
+  hint = re.search(r'Did you mean "([^"]+)"', error)
+  suggestion = f' Did you mean "{hint.group(1)}"?' if hint else ""
+  return f"unknown config field {', '.join(bad)}.{suggestion} (see moejax/config.py for all fields)"
 
 
 def _default_workdir(config_arg: str) -> str:
@@ -49,9 +62,13 @@ def _default_workdir(config_arg: str) -> str:
 
 
 def cmd_train(argv: list[str]) -> int:
+  from moejax.config import validate
+  from moejax.distributed import initialize
   from moejax.train import train
 
   cfg, workdir = _parse("train", argv)
+  validate(cfg)  # what can be checked before the devices are known
+  initialize(cfg.distributed)
   print(f"moejax train: workdir {workdir}", file=sys.stderr)
   train(cfg, workdir)
   return 0
@@ -77,12 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE, file=sys.stderr)
     return 0 if argv and argv[0] in ("-h", "--help", "help") else 2
   from moejax.config import ConfigError
+  from moejax.train import NonFiniteError
 
   try:
     return COMMANDS[argv[0]](argv[1:])
   except (flags.Error, ConfigError, FileNotFoundError) as err:
     print(f"moejax {argv[0]}: error: {err}", file=sys.stderr)
     return 2
+  except NonFiniteError as err:
+    print(f"moejax {argv[0]}: stopped: {err}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+NONFINITE_POLICIES = ("skip", "stop", "rollback")
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 
 
@@ -57,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       jsonl_field="text",      # source=files: the text field of each JSONL line
       task_length=128,         # synthetic tasks: tokens per example
       val_fraction=0.05,       # stdlib/files: share of *files* held out
+      shards=1,                # independent data shards per global batch (multiple of #processes)
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -68,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batches=4,
       checkpoint_every=100,
       keep_checkpoints=3,
+      async_checkpoint=True,   # write checkpoints while training continues (a kill during
+                               # the write loses that checkpoint, never an older one)
+      nonfinite="skip",        # NaN/Inf loss or gradient: skip | stop | rollback
+      nonfinite_limit=3,       # consecutive bad steps before skip stops / rollback reloads
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -82,6 +88,14 @@ def base_config() -> ml_collections.ConfigDict:
       b2=0.95,
       eps=1e-8,
       grad_clip_norm=1.0,      # 0: no clipping
+  ))
+
+  # Multi-process runs (moejax/distributed.py): explicit, or auto-detected by JAX.
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="",  # e.g. "localhost:12355"; empty: single process unless auto
+      num_processes=1,
+      process_id=0,
+      auto=False,              # let jax.distributed detect a managed cluster (TPU, SLURM, MPI)
   ))
 
   # Device mesh; -1 on at most one axis means "all remaining devices".
@@ -133,6 +147,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
 
   e: list[str] = []
   m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+  dist = cfg.distributed
 
   for field in ("num_layers", "d_model", "num_heads", "num_kv_heads", "ffn_dim", "vocab_size"):
     _check(e, m[field] >= 1, f"model.{field}={m[field]} must be >= 1.")
@@ -160,6 +175,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _check(e, d.source in SOURCES, f"data.source={d.source!r} is unknown; known: {', '.join(SOURCES.names())}.")
   _check(e, d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2.")
   _check(e, cfg.seed >= 0, f"seed={cfg.seed} must be >= 0.")
+  _check(e, d.shards >= 1 and t.batch_size % d.shards == 0,
+         f"data.shards={d.shards} must be >= 1 and divide train.batch_size={t.batch_size}.")
+  processes = dist.num_processes if dist.coordinator_address else None
+  if processes:
+    _check(e, d.shards % processes == 0,
+           f"data.shards={d.shards} must be a multiple of distributed.num_processes={processes} "
+           f"(each process reads whole shards); set --config.data.shards={processes}.")
   if d.source in ("passkey", "mqar", "copy"):
     _check(e, 1 <= d.task_length <= d.seq_len + 1,
            f"data.task_length={d.task_length} must be in [1, data.seq_len + 1 = {d.seq_len + 1}] so an "
@@ -180,6 +202,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   for field in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
                 "keep_checkpoints", "eval_batches"):
     _check(e, t[field] >= 1, f"train.{field}={t[field]} must be >= 1.")
+  _check(e, t.nonfinite in NONFINITE_POLICIES,
+         f"train.nonfinite={t.nonfinite!r} is not one of {NONFINITE_POLICIES}.")
+  _check(e, t.nonfinite_limit >= 1, f"train.nonfinite_limit={t.nonfinite_limit} must be >= 1.")
   _check(e, t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 disables eval).")
   if t.grad_accum_steps >= 1:
     _check(e, t.batch_size % t.grad_accum_steps == 0,
@@ -193,6 +218,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _check(e, 0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1].")
   _check(e, 0.0 <= o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction} must be in [0, 1].")
   _check(e, o.grad_clip_norm >= 0, f"optim.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0 disables).")
+
+  if dist.coordinator_address:
+    _check(e, dist.num_processes >= 1, f"distributed.num_processes={dist.num_processes} must be >= 1.")
+    _check(e, 0 <= dist.process_id < dist.num_processes,
+           f"distributed.process_id={dist.process_id} must be in [0, distributed.num_processes="
+           f"{dist.num_processes}); give each process its own id.")
 
   sizes = {a: cfg.mesh[a] for a in MESH_AXES}
   for a, v in sizes.items():

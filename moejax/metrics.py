@@ -21,8 +21,14 @@ from tensorboardX import SummaryWriter
 def _truncate_jsonl(path: str, last_step: int) -> None:
   if not os.path.exists(path):
     return
+  records = []
   with open(path) as f:
-    records = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= last_step:
+          records.append(line)
+      except (json.JSONDecodeError, KeyError):  # a line cut short by a kill
+        continue
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(records)

@@ -9,6 +9,8 @@ Everything with side effects (data, logging, checkpoints) lives in
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -18,18 +20,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from moejax import config as config_lib
 from moejax.checkpoint import Checkpointer, abstract_like
-from moejax.data import make_iterator
+from moejax.data import ShardedBatches
 from moejax.metrics import MetricsWriter
 from moejax.models import build_model
 from moejax.models.state import update_model_state
 from moejax.optim import build_optimizer
+from moejax.preemption import StopRequests
 from moejax.sharding import LOGICAL_RULES, batch_sharding, logical_sharding, make_mesh, put_batch
 
 Batch = dict[str, jax.Array]
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -38,6 +43,7 @@ class TrainState:
   params: Any
   opt_state: Any
   model_state: Any  # non-trainable variable collections (empty for dense models)
+  nonfinite_steps: jax.Array  # updates skipped because the loss or a gradient was NaN/Inf
 
 
 SOWN = ("aux_loss", "stats", "metrics")
@@ -111,10 +117,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     model_state = update_model_state(state.model_state, stats, model.cfg)
     ce = ce_sum / total_weight
     aux = aux_sum / grad_accum_steps
-    metrics = {"loss": ce, "aux_loss": aux, "total_loss": ce + aux, "grad_norm": optax.tree.norm(grads),
+    grad_norm = optax.tree.norm(grads)
+
+    # A NaN/Inf loss or gradient leaves the state exactly as it was (the
+    # trainer's config.train.nonfinite policy decides what happens next).
+    finite = jnp.isfinite(ce + aux) & jnp.isfinite(grad_norm)
+    params, opt_state, model_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, opt_state, model_state), (state.params, state.opt_state, state.model_state))
+    nonfinite_steps = state.nonfinite_steps + (~finite).astype(jnp.int32)
+
+    metrics = {"loss": ce, "aux_loss": aux, "total_loss": ce + aux, "grad_norm": grad_norm,
                "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step),
-               "tokens": total_weight, **{k: v / grad_accum_steps for k, v in layer_metrics.items()}}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+               "tokens": total_weight, "finite": finite, "nonfinite_steps": nonfinite_steps,
+               **{k: v / grad_accum_steps for k, v in layer_metrics.items()}}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state, nonfinite_steps=nonfinite_steps)
     return new_state, metrics
 
   return train_step
@@ -165,7 +183,7 @@ class Experiment:
     variables = {k: v for k, v in self.model.init(rng, dummy).items() if k not in SOWN}
     params = variables.pop("params")
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                      model_state=variables)
+                      model_state=variables, nonfinite_steps=jnp.zeros((), jnp.int32))
 
   @contextlib.contextmanager
   def _context(self):
@@ -192,13 +210,18 @@ class Experiment:
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return totals
 
-  def per_process_batch(self) -> int:
-    return self.cfg.train.batch_size // jax.process_count()
+  def data_iterator(self, split: str) -> ShardedBatches:
+    """This process's rows of every global batch (see ``ShardedBatches``).
 
-  def data_iterator(self, split: str):
-    return make_iterator(self.cfg.data, split=split, batch_size=self.per_process_batch(),
-                         seed=self.cfg.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+    Data problems (no files, bad text, ...) raise ConfigError here, before
+    anything is compiled or written.
+    """
+    try:
+      return ShardedBatches(self.cfg.data, split=split, global_batch=self.cfg.train.batch_size,
+                            seed=self.cfg.seed, num_shards=self.cfg.data.shards,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+    except (ValueError, OSError, UnicodeError) as err:
+      raise config_lib.ConfigError(f"data ({split} split): {err}") from err
 
   def evaluate(self, state: TrainState, num_batches: int) -> dict[str, float]:
     """Validation loss, perplexity and token accuracy on the first batches."""
@@ -210,52 +233,132 @@ class Experiment:
             "eval_accuracy": sums["correct_sum"] / weight, "eval_tokens": sums["weight_sum"]}
 
 
+class NonFiniteError(RuntimeError):
+  """Training produced NaN/Inf values and the config's policy says stop."""
+
+
+# Fault injection for the reliability tests: steps whose batch gets NaN weights.
+INJECT_NAN_ENV = "MOEJAX_INJECT_NAN_STEPS"
+
+
+def _injected_nan_steps() -> frozenset[int]:
+  return frozenset(int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip())
+
+
+def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a workdir whose checkpoints belong to a different model.
+
+  Compared: every ``model.*`` field, ``data.tokenizer`` and ``optim.name``
+  (they fix the checkpoint's structure and meaning). Other fields (learning
+  rate, steps, mesh, ...) may change between runs of one workdir.
+  """
+  ckpt_dir, saved_path = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
+  if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    return
+  if not os.path.exists(saved_path):
+    raise config_lib.ConfigError(f"workdir {workdir} holds checkpoints but no config.json, so they cannot be "
+                                 "checked against this config; use a new --workdir.")
+  with open(saved_path) as f:
+    saved = json.load(f)
+  now = json.loads(config_lib.to_json(cfg))
+  keys = [("model", k) for k in now["model"]] + [("data", "tokenizer"), ("optim", "name")]
+  diffs = [f"{sec}.{k} is {saved.get(sec, {}).get(k)!r} there but {now[sec][k]!r} now"
+           for sec, k in keys if saved.get(sec, {}).get(k) != now[sec][k]]
+  if diffs:
+    raise config_lib.ConfigError(
+        f"workdir {workdir} holds checkpoints of a different model: {'; '.join(diffs)}. "
+        "Use a new --workdir, or set these fields back to resume that run.")
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
-  """Trains ``cfg`` in ``workdir``, resuming from its latest checkpoint.
+  """Trains ``cfg`` in ``workdir``, resuming from its newest good checkpoint.
 
   Leaves ``config.json``, ``metrics.jsonl``, ``tensorboard/`` and
-  ``checkpoints/`` in ``workdir``. Returns the final state.
+  ``checkpoints/`` in ``workdir``. Returns the final state (or the state at
+  which a SIGTERM/SIGINT stopped the run, after checkpointing it).
   """
   exp = Experiment(cfg, devices)
   t = cfg.train
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
   data = exp.data_iterator("train")
-
-  start = ckpt.latest_step()
-  if start is None:
+  if t.eval_every:
+    exp.data_iterator("validation")  # fail now, not at the first eval, if that split is unusable
+  check_workdir(cfg, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+  start, state = ckpt.restore_latest(exp.abstract_state, data)
+  if state is None:
     start, state = 0, exp.init_state()
-  else:
-    state = ckpt.restore(start, exp.abstract_state, data)
-  if jax.process_index() == 0:
+  primary = jax.process_index() == 0
+  if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
-  writer = MetricsWriter(workdir, start, t.steps, t.batch_size * cfg.data.seq_len) \
-      if jax.process_index() == 0 else None
+  writer = MetricsWriter(workdir, start, t.steps, t.batch_size * cfg.data.seq_len) if primary else None
+  nan_steps = _injected_nan_steps()
+  bad_in_a_row = 0
 
-  for step in range(start + 1, t.steps + 1):
-    state, metrics = exp.train_step(state, next(data))
-    evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
-    eval_metrics = exp.evaluate(state, t.eval_batches) if evaluating else {}
-    if writer and (step % t.log_every == 0 or step == t.steps or evaluating):
-      writer.write(step, {**jax.device_get(metrics), **eval_metrics})
-    if step % t.checkpoint_every == 0 or step == t.steps:
-      ckpt.save(step, state, data)
-  ckpt.wait()
-  ckpt.close()
-  if writer:
-    writer.close()
+  try:
+    with StopRequests(ckpt) as stop:
+      for step in range(start + 1, t.steps + 1):
+        batch = next(data)
+        if step in nan_steps:
+          batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
+        state, metrics = exp.train_step(state, batch)
+        bad_in_a_row = 0 if bool(metrics["finite"]) else bad_in_a_row + 1
+        if bad_in_a_row:
+          state, bad_in_a_row = _handle_nonfinite(exp, ckpt, state, step, metrics, bad_in_a_row)
+        evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
+        eval_metrics = exp.evaluate(state, t.eval_batches) if evaluating else {}
+        if writer and (step % t.log_every == 0 or step == t.steps or evaluating):
+          writer.write(step, {**jax.device_get(metrics), **eval_metrics})
+        stopping = stop.should_stop(step)
+        if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+          ckpt.save(step, state, data)
+        if stopping:
+          log.warning("stopped at step %d with a checkpoint; run the same command again to resume", step)
+          break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    if writer:
+      writer.close()
   return state
+
+
+def _handle_nonfinite(exp: Experiment, ckpt: Checkpointer, state: TrainState, step: int, metrics,
+                      bad_in_a_row: int) -> tuple[TrainState, int]:
+  """Applies ``train.nonfinite`` after a step whose update was withheld.
+
+  Returns the state to continue from and the new count of bad steps in a row.
+  """
+  t = exp.cfg.train
+  what = (f"step {step}: loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])} "
+          "is not finite; the update was not applied")
+  if t.nonfinite == "stop":
+    raise NonFiniteError(f"{what} and the run stops (train.nonfinite='stop'). Lower optim.learning_rate, "
+                         "set optim.grad_clip_norm, or use --config.train.nonfinite=skip or rollback.")
+  if bad_in_a_row < t.nonfinite_limit:
+    log.warning("%s; skipped (%d in a row)", what, bad_in_a_row)
+    return state, bad_in_a_row
+  if t.nonfinite == "skip":
+    raise NonFiniteError(f"{what}: {bad_in_a_row} non-finite steps in a row (train.nonfinite_limit="
+                         f"{t.nonfinite_limit}); the model is not recovering. Lower optim.learning_rate "
+                         "or try --config.train.nonfinite=rollback.")
+  ckpt.wait()
+  restored_step, restored = ckpt.restore_latest(exp.abstract_state)
+  if restored is None:
+    raise NonFiniteError(f"{what}: {bad_in_a_row} in a row and no checkpoint to roll back to.")
+  log.warning("%s; %d in a row: rolled back to the checkpoint of step %d, data continues after step %d",
+              what, bad_in_a_row, restored_step, step)
+  return restored, 0
 
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, float]:
   """Validation metrics of the latest checkpoint in ``workdir``."""
   exp = Experiment(cfg, devices)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  step = ckpt.latest_step()
-  if step is None:
+  if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
                             f"`moejax train --workdir {workdir} ...`.")
-  state = ckpt.restore(step, exp.abstract_state)
+  step, state = ckpt.restore_latest(exp.abstract_state)
   ckpt.close()
   return {"step": step, **exp.evaluate(state, cfg.train.eval_batches)}

@@ -9,8 +9,8 @@
 """
 
 from moejax.data import synthetic, text  # noqa: F401  (importing them registers the sources)
-from moejax.data.pipeline import make_iterator
+from moejax.data.pipeline import ShardedBatches, make_iterator
 from moejax.data.source import SOURCES
 from moejax.data.tokenizers import get_tokenizer, tokenizer_vocab_size
 
-__all__ = ["SOURCES", "get_tokenizer", "make_iterator", "tokenizer_vocab_size"]
+__all__ = ["SOURCES", "ShardedBatches", "get_tokenizer", "make_iterator", "tokenizer_vocab_size"]

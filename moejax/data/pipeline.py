@@ -21,6 +21,7 @@ identical batches.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import grain
@@ -124,3 +125,46 @@ def make_iterator(data_cfg, *, split: str, batch_size: int, seed: int, process_i
                      seed=seed, pad_id=tokenizer.pad_id, process_index=process_index,
                      process_count=process_count)
   return iter(ds)
+
+
+class ShardedBatches:
+  """The global batch assembled from ``num_shards`` independent data shards.
+
+  Shard s is the document shard ``s`` of ``num_shards`` (see
+  :func:`make_iterator`) and fills rows ``[s*B/S, (s+1)*B/S)`` of every global
+  batch of B rows. A process owns a contiguous run of shards, so the batches
+  of a run depend on ``num_shards`` but not on how many processes share the
+  work: 2 processes with 4 devices each see exactly the data of 1 process with
+  8 devices. Yields this process's rows ``[B * num_owned / S, T]``.
+
+  Checkpointable with ``grain.checkpoint`` (``get_state``/``set_state`` as
+  JSON bytes, one file per process).
+  """
+
+  def __init__(self, data_cfg, *, split: str, global_batch: int, seed: int, num_shards: int,
+               process_index: int = 0, process_count: int = 1):
+    if num_shards % process_count or global_batch % num_shards:
+      raise ValueError(f"data.shards={num_shards} must be a multiple of the {process_count} processes "
+                       f"and divide the global batch of {global_batch} rows.")
+    owned = num_shards // process_count
+    self._iterators = [
+        make_iterator(data_cfg, split=split, batch_size=global_batch // num_shards, seed=seed,
+                      process_index=shard, process_count=num_shards)
+        for shard in range(process_index * owned, (process_index + 1) * owned)]
+
+  def __iter__(self) -> "ShardedBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._iterators]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> bytes:
+    return json.dumps([it.get_state() for it in self._iterators]).encode()
+
+  def set_state(self, state: bytes) -> None:
+    for it, shard_state in zip(self._iterators, json.loads(state), strict=True):
+      it.set_state(shard_state)
+
+  def start_prefetch(self) -> None:
+    """Part of grain's checkpoint protocol; batches are produced on demand."""

@@ -222,4 +222,8 @@ def files_source(data_cfg, split: str, tokenizer: Tokenizer) -> TextDocuments:
   chosen = _select(split, [key for key, _ in units], data_cfg.val_fraction,
                    f"data.files={data_cfg.files!r}")
   docs = [doc for (_, unit_docs), c in zip(units, chosen) if c for doc in unit_docs]
+  total = sum(len(tokenizer.encode(text)) + 2 for _, text in docs)  # + bos, eos
+  if total < data_cfg.seq_len + 1:
+    raise ValueError(f"data.seq_len={data_cfg.seq_len} is longer than the whole {split} split of "
+                     f"data.files ({total} tokens); lower --config.data.seq_len or add data.")
   return TextDocuments([t for _, t in docs], [n for n, _ in docs], tokenizer)

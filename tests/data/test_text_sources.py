@@ -92,7 +92,7 @@ def user_files(tmp_path):
 
 def test_files_source_reads_txt_and_jsonl(user_files, data_cfg):
   root, texts = user_files
-  cfg = data_cfg(source="files", files=f"{root}/*.txt, {root}/sub/*.jsonl", val_fraction=0.3)
+  cfg = data_cfg(source="files", files=f"{root}/*.txt, {root}/sub/*.jsonl", val_fraction=0.3, seq_len=4)
   splits = {s: SOURCES.get("files")(cfg, s, BYTE) for s in ("train", "validation")}
   seen = {}
   for source in splits.values():
@@ -106,7 +106,7 @@ def test_files_source_reads_txt_and_jsonl(user_files, data_cfg):
 
 def test_single_file_is_split_by_document(user_files, data_cfg):
   root, texts = user_files
-  cfg = data_cfg(source="files", files=f"{root}/sub/x.jsonl", val_fraction=0.4)
+  cfg = data_cfg(source="files", files=f"{root}/sub/x.jsonl", val_fraction=0.4, seq_len=4)
   train = SOURCES.get("files")(cfg, "train", BYTE).names
   val = SOURCES.get("files")(cfg, "validation", BYTE).names
   assert train and val and not set(train) & set(val)
@@ -125,6 +125,7 @@ def test_single_file_is_split_by_document(user_files, data_cfg):
     ("bad.jsonl", '{"text": 3}\n', r"line 1 has no string field 'text'"),
     ("bad.csv", "a,b\n", r"data\.files matched .*bad\.csv.*not one of"),
     ("", None, r"data\.files is empty"),
+    ("short.txt", "too short", r"data\.seq_len=256 is longer than the whole train split of data\.files \(11 tokens\)"),
 ])
 def test_files_errors_name_the_problem(tmp_path, data_cfg, files, content, message):
   if content is not None:

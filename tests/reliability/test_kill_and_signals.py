@@ -1,0 +1,70 @@
+"""Real processes killed with SIGKILL, or stopped with SIGTERM/SIGINT."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.reliability import harness
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run of the harness config."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  out = harness.run(workdir)
+  assert out.returncode == 0, out.stderr
+  return workdir
+
+
+@pytest.mark.parametrize("seed,during_save,async_save", [
+    (0, False, True), (1, True, True), (2, True, True), (3, False, False)])
+def test_kill_9_then_rerun_is_exact(reference, tmp_path, seed, during_save, async_save):
+  r = harness.kill_trial(reference, str(tmp_path / "run"), seed, during_save, async_save)
+  assert r["killed_at"] is not None, "the run ended before the kill"
+  assert r["exact"], r["stderr"]
+  # The newest checkpoint that was complete at the kill is the one resumed from.
+  assert r["resumed_from"] == r["finished_before_kill"]
+  if not async_save:
+    assert r["lost_steps"] <= harness.EVERY
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_with_a_checkpoint_and_exit_0(reference, tmp_path, sig):
+  workdir = str(tmp_path / "run")
+  proc = harness.start(workdir)
+  deadline = time.time() + 300
+  while len(harness.records(workdir)) < 6 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(sig)
+  signalled_at = time.time()
+  try:
+    proc.wait(timeout=60)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail("the run did not stop within 60 s of the signal")
+  assert proc.returncode == 0, proc.stderr.read()
+  assert time.time() - signalled_at < 60
+  last_logged = harness.records(workdir)[-1]["step"]
+  assert last_logged < harness.STEPS
+  assert harness.finished_steps(workdir)[-1] == last_logged  # checkpoint of the step it stopped at
+  out = harness.run(workdir)
+  assert out.returncode == 0, out.stderr
+  assert harness.losses(workdir) == harness.losses(reference)
+
+
+def test_partial_checkpoint_is_reported_and_set_aside(reference, tmp_path):
+  """A leftover temporary directory (a save cut short) is moved aside, not used."""
+  workdir = tmp_path / "run"
+  out = harness.run(str(workdir), "--config.train.steps=8")
+  assert out.returncode == 0, out.stderr
+  fake = workdir / "checkpoints" / "12.orbax-checkpoint-tmp-1700000000"
+  (fake / "state").mkdir(parents=True)
+  (fake / "state" / "garbage").write_bytes(os.urandom(64))
+  out = harness.run(str(workdir), "--config.train.steps=8")
+  assert out.returncode == 0
+  assert "unfinished save" in out.stderr
+  assert (workdir / "checkpoints_set_aside" / fake.name / "state" / "garbage").exists()
+  assert not fake.exists()

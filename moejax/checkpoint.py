@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state *and* the data iterator, kept safe.
 
 A checkpoint at step s holds everything needed to continue the run exactly:
-parameters, optimizer state, step counter, and the Grain iterator position.
+parameters, optimizer state, step counter, and the data position (one file
+per data shard, see ``moejax.data.ShardedBatches``).
 
 Safety: Orbax writes each step into a temporary directory and renames it only
 when complete, so an interrupted save never replaces the last good
@@ -13,19 +14,55 @@ never picked — and the next older checkpoint is used instead.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import shutil
 import time
+from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
 SET_ASIDE = "checkpoints_set_aside"
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+  """Saves a ``ShardedBatches`` position as one JSON file per data shard.
+
+  Every process writes the files of the shards it owns and reads back those
+  it owns now, so a run can restart on a different number of processes.
+  """
+
+  def save(self, directory: epath.Path, args: "DataStateSave") -> None:
+    for shard, state in args.item.shard_states().items():
+      (directory / f"shard_{shard}-of-{args.item.num_shards}.json").write_text(json.dumps(state))
+
+  def restore(self, directory: epath.Path, args: "DataStateRestore"):
+    files = {shard: directory / f"shard_{shard}-of-{args.item.num_shards}.json"
+             for shard in args.item.shard_states()}
+    missing = [str(f) for f in files.values() if not f.exists()]
+    if missing:
+      raise FileNotFoundError(f"data position files missing: {missing}")
+    args.item.set_shard_states({shard: json.loads(f.read_text()) for shard, f in files.items()})
+    return args.item
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  item: Any
 
 
 class Checkpointer:
@@ -71,7 +108,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator=None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data"] = DataStateSave(data_iterator)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state, data_iterator=None):
@@ -83,7 +120,7 @@ class Checkpointer:
     """
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items["data"] = DataStateRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items)).state
 
   def restore_latest(self, abstract_state, data_iterator=None):

@@ -248,9 +248,10 @@ def _injected_nan_steps() -> frozenset[int]:
 def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a workdir whose checkpoints belong to a different model.
 
-  Compared: every ``model.*`` field, ``data.tokenizer`` and ``optim.name``
-  (they fix the checkpoint's structure and meaning). Other fields (learning
-  rate, steps, mesh, ...) may change between runs of one workdir.
+  Compared: every ``model.*`` field, ``data.tokenizer``, ``data.shards`` and
+  ``optim.name`` (they fix the checkpoint's structure and meaning). Other
+  fields (learning rate, steps, mesh, number of processes, ...) may change
+  between runs of one workdir.
   """
   ckpt_dir, saved_path = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
   if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
@@ -261,7 +262,7 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   with open(saved_path) as f:
     saved = json.load(f)
   now = json.loads(config_lib.to_json(cfg))
-  keys = [("model", k) for k in now["model"]] + [("data", "tokenizer"), ("optim", "name")]
+  keys = [("model", k) for k in now["model"]] + [("data", "tokenizer"), ("data", "shards"), ("optim", "name")]
   diffs = [f"{sec}.{k} is {saved.get(sec, {}).get(k)!r} there but {now[sec][k]!r} now"
            for sec, k in keys if saved.get(sec, {}).get(k) != now[sec][k]]
   if diffs:

@@ -21,7 +21,6 @@ identical batches.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import grain
@@ -135,10 +134,10 @@ class ShardedBatches:
   batch of B rows. A process owns a contiguous run of shards, so the batches
   of a run depend on ``num_shards`` but not on how many processes share the
   work: 2 processes with 4 devices each see exactly the data of 1 process with
-  8 devices. Yields this process's rows ``[B * num_owned / S, T]``.
+  8 devices. Yields this process's rows ``[B * owned / S, T]``.
 
-  Checkpointable with ``grain.checkpoint`` (``get_state``/``set_state`` as
-  JSON bytes, one file per process).
+  Its position is per shard (:meth:`shard_states`), so a checkpoint restores
+  onto any number of processes that divides ``num_shards``.
   """
 
   def __init__(self, data_cfg, *, split: str, global_batch: int, seed: int, num_shards: int,
@@ -147,24 +146,23 @@ class ShardedBatches:
       raise ValueError(f"data.shards={num_shards} must be a multiple of the {process_count} processes "
                        f"and divide the global batch of {global_batch} rows.")
     owned = num_shards // process_count
-    self._iterators = [
-        make_iterator(data_cfg, split=split, batch_size=global_batch // num_shards, seed=seed,
-                      process_index=shard, process_count=num_shards)
-        for shard in range(process_index * owned, (process_index + 1) * owned)]
+    self.num_shards = num_shards
+    self._iterators = {
+        shard: make_iterator(data_cfg, split=split, batch_size=global_batch // num_shards, seed=seed,
+                             process_index=shard, process_count=num_shards)
+        for shard in range(process_index * owned, (process_index + 1) * owned)}
 
   def __iter__(self) -> "ShardedBatches":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    parts = [next(it) for it in self._iterators]
+    parts = [next(it) for it in self._iterators.values()]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def get_state(self) -> bytes:
-    return json.dumps([it.get_state() for it in self._iterators]).encode()
+  def shard_states(self) -> dict[int, dict]:
+    """{shard index: grain iterator state} for the shards this process owns."""
+    return {shard: it.get_state() for shard, it in self._iterators.items()}
 
-  def set_state(self, state: bytes) -> None:
-    for it, shard_state in zip(self._iterators, json.loads(state), strict=True):
-      it.set_state(shard_state)
-
-  def start_prefetch(self) -> None:
-    """Part of grain's checkpoint protocol; batches are produced on demand."""
+  def set_shard_states(self, states: dict[int, dict]) -> None:
+    for shard, it in self._iterators.items():
+      it.set_state(states[shard])

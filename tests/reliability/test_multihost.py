@@ -37,6 +37,12 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   np.testing.assert_allclose([l for _, l in multi_losses], [l for _, l in single_losses], rtol=1e-6)
   for a, b in zip(harness._leaves(harness.final_params(multi)), harness._leaves(harness.final_params(single))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  # Each process saved its own data-iterator position.
-  assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints" / "6" / "data").glob("process_*")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  # Each process saved the positions of its own data shards ...
+  assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints" / "6" / "data").glob("shard_*")) == [
+      "shard_0-of-2.json", "shard_1-of-2.json"]
+  # ... so one process can carry on where the two stopped, as the single run does.
+  for workdir in (single, multi):
+    out = harness.run(workdir, *SHARDED, "--config.train.steps=8", devices=8)
+    assert out.returncode == 0, out.stderr
+  np.testing.assert_allclose([l for _, l in harness.losses(multi)[6:]],
+                             [l for _, l in harness.losses(single)[6:]], rtol=1e-6)

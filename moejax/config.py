@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
       steps=500,
       batch_size=16,           # global, in sequences
       grad_accum_steps=1,      # micro-batches per step (batch_size % this == 0)
+      loss_chunk=1024,         # logits are formed this many positions at a time (memory at long T)
       log_every=10,
       eval_every=100,          # 0: never
       eval_batches=4,
@@ -199,7 +200,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
              f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary ({vocab}); "
              f"set --config.model.vocab_size={vocab} or larger.")
 
-  for field in ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
+  for field in ("steps", "batch_size", "grad_accum_steps", "loss_chunk", "log_every", "checkpoint_every",
                 "keep_checkpoints", "eval_batches"):
     _check(e, t[field] >= 1, f"train.{field}={t[field]} must be >= 1.")
   _check(e, t.nonfinite in NONFINITE_POLICIES,

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -26,6 +26,7 @@ import optax
 from moejax import config as config_lib
 from moejax.checkpoint import Checkpointer, abstract_like
 from moejax.data import ShardedBatches
+from moejax.losses import chunked_token_stats
 from moejax.metrics import MetricsWriter
 from moejax.models import build_model
 from moejax.models.state import update_model_state
@@ -49,17 +50,24 @@ class TrainState:
 SOWN = ("aux_loss", "stats", "metrics")
 
 
-def _apply(model: nn.Module, params, model_state, batch: Batch):
-  """Logits [B, T, V] and the sown collections.
+class Forward(NamedTuple):
+  """One forward pass: per-token results and what the layers sowed."""
 
-  ``aux_loss``: scalars added to the objective; ``stats``: statistics for
-  model-state updates (see ``moejax/models/state.py``); ``metrics``: scalars
-  to log, named by their module path.
-  """
-  logits_BxTxV, sown = model.apply({"params": params, **model_state}, batch["inputs"],
-                                   batch["positions"], batch["segment_ids"], mutable=list(SOWN))
+  ce_BxT: jax.Array       # float32 cross-entropy of each target
+  correct_BxT: jax.Array  # float32 1.0 where the argmax is the target
+  aux_loss: jax.Array     # sum of the sown auxiliary losses
+  stats: dict             # for model-state updates (see moejax/models/state.py)
+  metrics: dict           # scalars to log, named by module path
+
+
+def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int) -> Forward:
+  """Runs the model; logits are formed ``loss_chunk`` positions at a time."""
+  (x_BxTxD, head_DxV), sown = model.apply(
+      {"params": params, **model_state}, batch["inputs"], batch["positions"], batch["segment_ids"],
+      return_hidden=True, mutable=list(SOWN))
+  ce_BxT, correct_BxT = chunked_token_stats(x_BxTxD, head_DxV, batch["targets"], loss_chunk)
   aux = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("aux_loss", {}))), jnp.zeros((), jnp.float32))
-  return logits_BxTxV, aux, dict(sown.get("stats", {})), _flat_metrics(sown.get("metrics", {}))
+  return Forward(ce_BxT, correct_BxT, aux, dict(sown.get("stats", {})), _flat_metrics(sown.get("metrics", {})))
 
 
 def _flat_metrics(tree) -> dict[str, jax.Array]:
@@ -71,12 +79,6 @@ def _flat_metrics(tree) -> dict[str, jax.Array]:
   return flat
 
 
-def _token_losses(logits_BxTxV, batch: Batch):
-  """Per-token cross-entropy [B, T] (float32) and its weights."""
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), batch["targets"])
-  return ce_BxT, batch["weights"].astype(jnp.float32)
-
-
 def _split_micro(batch: Batch, n: int) -> Batch:
   """[B, ...] -> [n, B/n, ...]; micro-batch i takes rows i, i+n, ..., so each
   device keeps its own rows in every micro-batch."""
@@ -84,7 +86,7 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    grad_accum_steps: int, loss_chunk: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """The pure train step; gradients accumulate over ``grad_accum_steps``.
 
   The objective is the token-weighted mean cross-entropy over the *whole*
@@ -96,10 +98,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
 
     def micro_loss(params, micro: Batch):
-      logits, aux, stats, layer_metrics = _apply(model, params, state.model_state, micro)
-      ce_BxT, w_BxT = _token_losses(logits, micro)
-      ce_sum = jnp.sum(ce_BxT * w_BxT)
-      return ce_sum / total_weight + aux / grad_accum_steps, (ce_sum, aux, stats, layer_metrics)
+      out = _forward(model, params, state.model_state, micro, loss_chunk)
+      ce_sum = jnp.sum(out.ce_BxT * micro["weights"].astype(jnp.float32))
+      return ce_sum / total_weight + out.aux_loss / grad_accum_steps, (ce_sum, out.aux_loss, out.stats,
+                                                                       out.metrics)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     micros = _split_micro(batch, grad_accum_steps)
@@ -138,15 +140,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], dict]:
+def make_eval_step(model: nn.Module, loss_chunk: int) -> Callable[[TrainState, Batch], dict]:
   """Sums of weighted loss, weight and correct argmax predictions on a batch."""
 
   def eval_step(params, model_state, batch: Batch):
-    logits = _apply(model, params, model_state, batch)[0]
-    ce_BxT, w_BxT = _token_losses(logits, batch)
-    correct_BxT = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(ce_BxT * w_BxT), "weight_sum": jnp.sum(w_BxT),
-            "correct_sum": jnp.sum(correct_BxT * w_BxT)}
+    out = _forward(model, params, model_state, batch, loss_chunk)
+    w_BxT = batch["weights"].astype(jnp.float32)
+    return {"loss_sum": jnp.sum(out.ce_BxT * w_BxT), "weight_sum": jnp.sum(w_BxT),
+            "correct_sum": jnp.sum(out.correct_BxT * w_BxT)}
 
   return eval_step
 
@@ -171,10 +172,10 @@ class Experiment:
 
     batch_shard = batch_sharding(self.mesh)
     self._train_step = jax.jit(
-        make_train_step(self.model, self.tx, self.schedule, cfg.train.grad_accum_steps),
+        make_train_step(self.model, self.tx, self.schedule, cfg.train.grad_accum_steps, cfg.train.loss_chunk),
         in_shardings=(self.state_shardings, batch_shard),
         out_shardings=(self.state_shardings, None), donate_argnums=0)
-    self._eval_step = jax.jit(make_eval_step(self.model),
+    self._eval_step = jax.jit(make_eval_step(self.model, cfg.train.loss_chunk),
                               in_shardings=(self.state_shardings.params, self.state_shardings.model_state,
                                             batch_shard))
 

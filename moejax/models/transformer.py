@@ -54,13 +54,16 @@ class Transformer(nn.Module):
 
   inputs_BxT int -> logits_BxTxV float32. ``positions`` (for RoPE) default to
   ``0..T-1``; ``segment_ids`` (packed documents, 0 = padding) default to one
-  document per row.
+  document per row. With ``return_hidden=True`` it returns ``(x_BxTxD,
+  head_DxV)`` instead — the final normed hidden states and the output matrix
+  — so losses can form logits chunk by chunk and never hold ``[B, T, V]``
+  (see ``moejax/losses.py``).
   """
 
   cfg: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None):
+  def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, return_hidden: bool = False):
     cfg = self.cfg
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     if positions_BxT is None:
@@ -89,6 +92,8 @@ class Transformer(nn.Module):
       head_DxV = self.param(
           "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), pdtype)
+    if return_hidden:
+      return x_BxTxD, head_DxV.astype(dtype)
     logits_BxTxV = jnp.einsum("BTD,DV->BTV", x_BxTxD, head_DxV.astype(dtype))
     return nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 

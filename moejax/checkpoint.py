@@ -123,13 +123,33 @@ class Checkpointer:
       items["data"] = DataStateRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items)).state
 
+  def saved_paths(self, step: int) -> set[str]:
+    """The leaf paths of the state saved at ``step`` (from its metadata)."""
+    path = epath.Path(self.directory) / str(step) / "state"
+    tree = ocp.StandardCheckpointHandler().metadata(path)
+    return leaf_paths(getattr(tree, "tree", tree))
+
   def restore_latest(self, abstract_state, data_iterator=None):
     """(step, state) of the newest checkpoint that restores, or (None, None).
 
-    A checkpoint that fails to restore is reported and set aside, and the
-    next older one is tried.
+    A checkpoint of another structure (another model, or an older moejax) is
+    an error, and nothing is moved. A checkpoint that fails to read is
+    reported and set aside, and the next older one is tried.
     """
+    expected = leaf_paths(abstract_state)
     for step in reversed(self.all_steps()):
+      try:
+        saved = self.saved_paths(step)
+      except Exception as err:  # noqa: BLE001 — unreadable metadata: a damaged checkpoint
+        self._set_aside(str(step), f"unreadable ({type(err).__name__}: {str(err)[:200]})")
+        self._manager.reload()
+        continue
+      if saved != expected:
+        extra, missing = sorted(saved - expected)[:3], sorted(expected - saved)[:3]
+        raise CheckpointMismatchError(
+            f"the checkpoint of step {step} in {self.directory} has a different structure from this "
+            f"model's state (only in the checkpoint: {extra}; only in the model: {missing}). It was "
+            "written by another model or moejax version; use a new --workdir.")
       try:
         return step, self.restore(step, abstract_state, data_iterator)
       except Exception as err:  # noqa: BLE001 — any failure means this step is unusable
@@ -143,6 +163,22 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose structure does not match the model being restored."""
+
+
+def leaf_paths(tree) -> set[str]:
+  """Leaf paths as "a/b/0/c", the same for a state object and its saved form."""
+
+  def name(key) -> str:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  return {"/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_like(tree, shardings):

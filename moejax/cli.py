@@ -22,12 +22,18 @@ USAGE = """usage: moejax COMMAND --config configs/FILE.py[:ARG] [--workdir DIR] 
 commands:
   train   train (or resume) a model; leaves checkpoints, metrics.jsonl,
           TensorBoard events and config.json in --workdir
-  eval    evaluate the latest checkpoint in --workdir on the validation split
+  eval    evaluate the latest checkpoint in --workdir on the validation split, or
+          with --task passkey|needle|needle_multi|mqar|perplexity [--lengths 256,1024]
+          [--depths 0,0.5,1] [--samples 8]: a depth x length table and heatmap in
+          WORKDIR/evals/
 """
 
 
-def _parse(command: str, argv: list[str]):
+def _parse(command: str, argv: list[str], define_flags=None):
+  """(config, workdir, flag values); ``define_flags(fv)`` adds a command's own flags."""
   fv = flags.FlagValues()
+  if define_flags:
+    define_flags(fv)
   config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py[:variant]",
                                   flag_values=fv, lock_config=True, sys_argv=["moejax", *argv])
   flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config name>)", flag_values=fv)
@@ -42,7 +48,7 @@ def _parse(command: str, argv: list[str]):
   except (AttributeError, KeyError) as err:  # ml-collections' error for a field that does not exist
     raise flags.Error(_unknown_field_message(argv, str(err))) from None
   workdir = fv["workdir"].value or _default_workdir(fv["config"].config_filename)
-  return cfg, workdir
+  return cfg, workdir, fv
 
 
 def _unknown_field_message(argv: list[str], error: str) -> str:
@@ -66,7 +72,7 @@ def cmd_train(argv: list[str]) -> int:
   from moejax.distributed import initialize
   from moejax.train import train
 
-  cfg, workdir = _parse("train", argv)
+  cfg, workdir, _ = _parse("train", argv)
   validate(cfg)  # what can be checked before the devices are known
   initialize(cfg.distributed)
   print(f"moejax train: workdir {workdir}", file=sys.stderr)
@@ -74,14 +80,34 @@ def cmd_train(argv: list[str]) -> int:
   return 0
 
 
+def _eval_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("task", None, "long-context task: passkey, needle, needle_multi, mqar or "
+                      "perplexity (default: validation loss)", flag_values=fv)
+  flags.DEFINE_list("lengths", ["256", "512", "1024"], "context lengths in tokens", flag_values=fv)
+  flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "needle depths (fractions)", flag_values=fv)
+  flags.DEFINE_integer("samples", 8, "examples per cell (windows for perplexity)", flag_values=fv)
+
+
 def cmd_eval(argv: list[str]) -> int:
+  from moejax.evals import long_context
   from moejax.train import evaluate_checkpoint
 
-  cfg, workdir = _parse("eval", argv)
-  results = evaluate_checkpoint(cfg, workdir)
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  print(json.dumps(results, indent=2))
+  cfg, workdir, fv = _parse("eval", argv, _eval_flags)
+  if fv["task"].value is None:
+    results = evaluate_checkpoint(cfg, workdir)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+    return 0
+  try:
+    lengths = [int(n) for n in fv["lengths"].value]
+    depths = [float(d) for d in fv["depths"].value]
+  except ValueError as err:
+    raise flags.Error(f"--lengths takes integers and --depths fractions: {err}") from None
+  result = long_context.run(cfg, workdir, fv["task"].value, lengths, depths, fv["samples"].value)
+  with open(result["files"]["markdown"]) as f:
+    print(f.read())
+  print("wrote " + ", ".join(result["files"].values()), file=sys.stderr)
   return 0
 
 
@@ -93,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
   if not argv or argv[0] not in COMMANDS:
     print(USAGE, file=sys.stderr)
     return 0 if argv and argv[0] in ("-h", "--help", "help") else 2
+  from moejax.checkpoint import CheckpointMismatchError
   from moejax.config import ConfigError
   from moejax.train import NonFiniteError
 
   try:
     return COMMANDS[argv[0]](argv[1:])
-  except (flags.Error, ConfigError, FileNotFoundError) as err:
+  except (flags.Error, ConfigError, CheckpointMismatchError, FileNotFoundError, KeyError) as err:
     print(f"moejax {argv[0]}: error: {err}", file=sys.stderr)
     return 2
   except NonFiniteError as err:

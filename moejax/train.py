@@ -175,9 +175,11 @@ class Experiment:
         make_train_step(self.model, self.tx, self.schedule, cfg.train.grad_accum_steps, cfg.train.loss_chunk),
         in_shardings=(self.state_shardings, batch_shard),
         out_shardings=(self.state_shardings, None), donate_argnums=0)
-    self._eval_step = jax.jit(make_eval_step(self.model, cfg.train.loss_chunk),
-                              in_shardings=(self.state_shardings.params, self.state_shardings.model_state,
-                                            batch_shard))
+    eval_shardings = (self.state_shardings.params, self.state_shardings.model_state, batch_shard)
+    self._eval_step = jax.jit(make_eval_step(self.model, cfg.train.loss_chunk), in_shardings=eval_shardings)
+    self._token_stats = jax.jit(
+        lambda params, model_state, batch: _forward(self.model, params, model_state, batch, cfg.train.loss_chunk)[:2],
+        in_shardings=eval_shardings)
 
   def _boxed_init(self, rng) -> TrainState:
     dummy = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
@@ -210,6 +212,12 @@ class Experiment:
         sums = jax.device_get(self._eval_step(state.params, state.model_state, put_batch(batch, self.mesh)))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return totals
+
+  def token_stats(self, state: TrainState, batch) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token (cross-entropy, argmax correct), float32 [B, T], for a host batch."""
+    with self._context():
+      out = self._token_stats(state.params, state.model_state, put_batch(batch, self.mesh))
+    return tuple(np.asarray(jax.device_get(x)) for x in out)
 
   def data_iterator(self, split: str) -> ShardedBatches:
     """This process's rows of every global batch (see ``ShardedBatches``).
@@ -354,13 +362,19 @@ def _handle_nonfinite(exp: Experiment, ckpt: Checkpointer, state: TrainState, st
   return restored, 0
 
 
-def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, float]:
-  """Validation metrics of the latest checkpoint in ``workdir``."""
+def load_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
+  """(Experiment, step, state) of the newest good checkpoint in ``workdir``."""
   exp = Experiment(cfg, devices)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
-                            f"`moejax train --workdir {workdir} ...`.")
   step, state = ckpt.restore_latest(exp.abstract_state)
   ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
+                            f"`moejax train --workdir {workdir} ...`.")
+  return exp, step, state
+
+
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, float]:
+  """Validation metrics of the latest checkpoint in ``workdir``."""
+  exp, step, state = load_checkpoint(cfg, workdir, devices)
   return {"step": step, **exp.evaluate(state, cfg.train.eval_batches)}

@@ -75,10 +75,13 @@ class Passkey:
     if needed > length:
       raise _too_short("passkey", length, needed)
 
-  def __call__(self, rng: np.random.Generator) -> Example:
+  def __call__(self, rng: np.random.Generator, depth: float | None = None) -> Example:
+    """An example with the key at a random sentence start, or at the one nearest
+    ``depth`` (a fraction of the filler: 0 = first, 1 = last)."""
     key = self._tok.encode("".join(map(str, rng.integers(0, 10, self.DIGITS))))
     budget = max(0, self._length - self._fixed - 2 * len(key))
-    depth = rng.choice(self._sentence_starts[self._sentence_starts <= budget])
+    starts = self._sentence_starts[self._sentence_starts <= budget]
+    depth = rng.choice(starts) if depth is None else starts[np.abs(starts - depth * budget).argmin()]
     return _assemble(self._tok.bos_id, [
         (self._filler[:depth], 0.0), (self._key_prefix, 0.0), (key, 0.0),
         (self._key_suffix, 0.0), (self._filler[depth:budget], 0.0), (self._question, 0.0),

@@ -118,3 +118,18 @@ def test_restore_onto_other_meshes_gives_the_same_parameters(tmp_path, devices):
     chex.assert_trees_all_equal(jax.device_get(restored), saved)
     leaf = restored.params["layer_0"]["mlp"]["w_gate"]
     assert leaf.sharding == other.state_shardings.params["layer_0"]["mlp"]["w_gate"]
+
+
+def test_checkpoint_of_another_structure_is_an_error_and_is_kept(tmp_path, devices):
+  from moejax.checkpoint import CheckpointMismatchError
+
+  cfg = _cfg()
+  exp = Experiment(cfg, devices[:1])
+  saver = Checkpointer(str(tmp_path), keep=1)
+  saver.save(1, exp.init_state())
+  saver.wait()
+  cfg.model.num_layers = 3
+  with pytest.raises(CheckpointMismatchError, match=r"only in the model: \['opt_state/.*layer_2"):
+    Checkpointer(str(tmp_path), keep=1).restore_latest(Experiment(cfg, devices[:1]).abstract_state)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+  assert not (tmp_path / "checkpoints_set_aside").exists()

@@ -33,19 +33,20 @@ SET_ASIDE = "checkpoints_set_aside"
 
 
 class DataStateHandler(ocp.CheckpointHandler):
-  """Saves a ``ShardedBatches`` position as one JSON file per data shard.
+  """Saves a data position as one JSON file per data shard.
 
-  Every process writes the files of the shards it owns and reads back those
-  it owns now, so a run can restart on a different number of processes.
+  The iterator gives ``shard_states() -> {name: state}`` for the shards this
+  process owns and takes them back with ``set_shard_states``. Every process
+  writes and reads only its own shards' files, so a run can restart on a
+  different number of processes.
   """
 
   def save(self, directory: epath.Path, args: "DataStateSave") -> None:
-    for shard, state in args.item.shard_states().items():
-      (directory / f"shard_{shard}-of-{args.item.num_shards}.json").write_text(json.dumps(state))
+    for name, state in args.item.shard_states().items():
+      (directory / f"{name}.json").write_text(json.dumps(state))
 
   def restore(self, directory: epath.Path, args: "DataStateRestore"):
-    files = {shard: directory / f"shard_{shard}-of-{args.item.num_shards}.json"
-             for shard in args.item.shard_states()}
+    files = {name: directory / f"{name}.json" for name in args.item.shard_states()}
     missing = [str(f) for f in files.values() if not f.exists()]
     if missing:
       raise FileNotFoundError(f"data position files missing: {missing}")

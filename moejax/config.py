@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
       seq_len=256,
       tokenizer="byte",        # byte | path to a SentencePiece .model or tokenizers .json
       files="",                # source=files: comma-separated globs of .txt/.jsonl
+      stdlib_packages="",      # source=stdlib: only these top-level packages, e.g. "email,json"
       jsonl_field="text",      # source=files: the text field of each JSONL line
       task_length=128,         # synthetic tasks: tokens per example
       val_fraction=0.05,       # stdlib/files: share of *files* held out

@@ -45,3 +45,32 @@ def chunked_token_stats(x_BxTxD, head_DxV, targets_BxT, chunk: int):
   _, (ce, correct) = jax.lax.scan(body, None, (_chunks(x_BxTxD, chunk), _chunks(targets_BxT, chunk)))
   unchunk = lambda a: jnp.swapaxes(a, 0, 1).reshape(b, -1)[:, :t]
   return unchunk(ce), unchunk(correct)
+
+
+def chunked_distill_kl(xs_BxTxD, head_s_DxV, xt_BxTxD, head_t_DxV, temperature: float, reverse: bool,
+                       chunk: int):
+  """Per-token KL between teacher and student over the *full* vocabulary.
+
+  Both distributions are softened by ``temperature``: ``p = softmax(l / T)``.
+  Forward (``reverse=False``): ``KL(p_teacher || p_student)``; reverse:
+  ``KL(p_student || p_teacher)``. Returns float32 [B, T]. The teacher side
+  is treated as a constant (no gradient flows into it).
+  """
+  b, t, _ = xs_BxTxD.shape
+  chunk = max(1, min(chunk, t))
+
+  @jax.checkpoint
+  def one(xs_BxCxD, xt_BxCxD):
+    ls = jnp.einsum("BCD,DV->BCV", xs_BxCxD, head_s_DxV).astype(jnp.float32) / temperature
+    lt = jnp.einsum("BCD,DV->BCV", xt_BxCxD, head_t_DxV).astype(jnp.float32) / temperature
+    logp_s = jax.nn.log_softmax(ls, axis=-1)
+    logp_t = jax.lax.stop_gradient(jax.nn.log_softmax(lt, axis=-1))
+    if reverse:
+      return jnp.sum(jnp.exp(logp_s) * (logp_s - logp_t), axis=-1)
+    return jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)
+
+  def body(carry, xs):
+    return carry, one(*xs)
+
+  _, kl = jax.lax.scan(body, None, (_chunks(xs_BxTxD, chunk), _chunks(xt_BxTxD, chunk)))
+  return jnp.swapaxes(kl, 0, 1).reshape(b, -1)[:, :t]

@@ -159,10 +159,10 @@ class ShardedBatches:
     parts = [next(it) for it in self._iterators.values()]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def shard_states(self) -> dict[int, dict]:
-    """{shard index: grain iterator state} for the shards this process owns."""
-    return {shard: it.get_state() for shard, it in self._iterators.items()}
+  def shard_states(self) -> dict[str, dict]:
+    """{"shard_S-of-N": grain iterator state} for the shards this process owns."""
+    return {f"shard_{shard}-of-{self.num_shards}": it.get_state() for shard, it in self._iterators.items()}
 
-  def set_shard_states(self, states: dict[int, dict]) -> None:
+  def set_shard_states(self, states: dict[str, dict]) -> None:
     for shard, it in self._iterators.items():
-      it.set_state(states[shard])
+      it.set_state(states[f"shard_{shard}-of-{self.num_shards}"])

@@ -129,10 +129,24 @@ def _stdlib_scan() -> tuple[str, tuple[str, ...], tuple[str, ...]]:
   return root, tuple(sorted(good)), tuple(sorted(bad))
 
 
+def _top_level(relpath: str) -> str:
+  """'email/mime/text.py' -> 'email'; 'json.py'... -> 'json'."""
+  first = relpath.split(os.sep, 1)[0]
+  return first[:-3] if first.endswith(".py") else first
+
+
 @SOURCES.register("stdlib")
 def stdlib_source(data_cfg, split: str, tokenizer: Tokenizer) -> TextDocuments:
-  """The ``*.py`` files of the running interpreter's standard library, one per document."""
+  """The ``*.py`` files of the running interpreter's standard library, one per document
+  (only those of the top-level packages in ``data.stdlib_packages``, if set)."""
   root, relpaths, skipped = _stdlib_scan()
+  wanted = {p.strip() for p in data_cfg.stdlib_packages.split(",") if p.strip()}
+  if wanted:
+    relpaths = [p for p in relpaths if _top_level(p) in wanted]
+    found = {_top_level(p) for p in relpaths}
+    if wanted - found:
+      raise ValueError(f"data.stdlib_packages names {sorted(wanted - found)}, which have no .py files "
+                       f"under {root!r}; use top-level names such as 'email,json,asyncio'.")
   chosen = _select(split, relpaths, data_cfg.val_fraction, "data.source='stdlib'")
   names = [p for p, c in zip(relpaths, chosen) if c]
   return TextDocuments(_FileTexts(root, names), names, tokenizer, skipped=skipped)

@@ -141,3 +141,11 @@ def test_empty_validation_split_says_how_to_fix(tmp_path, data_cfg, source):
   cfg = data_cfg(source=source, files=str(tmp_path / "one.txt"), val_fraction=0.0)
   with pytest.raises(ValueError, match=r"validation split .* is empty.*data\.val_fraction"):
     SOURCES.get(source)(cfg, "validation", BYTE)
+
+
+def test_stdlib_packages_select_top_level_packages(data_cfg):
+  cfg = data_cfg(source="stdlib", stdlib_packages="email,json", val_fraction=0.2)
+  names = SOURCES.get("stdlib")(cfg, "train", BYTE).names + SOURCES.get("stdlib")(cfg, "validation", BYTE).names
+  assert names and {n.split("/")[0] for n in names} == {"email", "json"}
+  with pytest.raises(ValueError, match=r"data\.stdlib_packages names \['nopkg'\]"):
+    SOURCES.get("stdlib")(data_cfg(source="stdlib", stdlib_packages="nopkg"), "train", BYTE)

@@ -19,11 +19,11 @@ class CountingSwiGLU(nn.Module):
   cfg: object
 
   @nn.compact
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, token_ids_BxT):
     count = self.variable("token_count", "seen", lambda: jnp.zeros((), jnp.float32))
     self.sow("stats", "tokens", jnp.asarray(x_BxTxD.shape[0] * x_BxTxD.shape[1], jnp.float32))
     self.sow("metrics", "count_before", count.value)
-    return SwiGLU(self.cfg, name="inner")(x_BxTxD)
+    return SwiGLU(self.cfg, name="inner")(x_BxTxD, token_ids_BxT)
 
 
 @STATE_UPDATES.register("token_count")

@@ -1,8 +1,10 @@
 """Feed-forward layers and the ``MLP`` registry (``model.mlp_types``).
 
 Every MLP type is a Linen module constructed as ``cls(cfg=model_cfg)`` and
-called as ``mlp(x_BxTxD) -> y_BxTxD``. Auxiliary losses (e.g. MoE load
-balance) are sown into the ``aux_loss`` collection; the trainer adds them.
+called as ``mlp(x_BxTxD, token_ids_BxT) -> y_BxTxD``; ``token_ids`` are the
+layer's input token ids (hash routing looks experts up by them; most types
+ignore them). Auxiliary losses (e.g. MoE load balance) are sown into the
+``aux_loss`` collection; the trainer adds them.
 """
 
 import flax.linen as nn
@@ -25,7 +27,8 @@ class SwiGLU(nn.Module):
   cfg: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, token_ids_BxT=None):
+    del token_ids_BxT
     cfg = self.cfg
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     d, f = x_BxTxD.shape[-1], cfg.ffn_dim

@@ -38,14 +38,14 @@ class Block(nn.Module):
   mlp_type: str
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, token_ids_BxT):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype], name=name)
     attn = ATTENTION.get(self.attention_type)(cfg=cfg, name="attention")
     mlp = MLP.get(self.mlp_type)(cfg=cfg, name="mlp")
     x_BxTxD = x_BxTxD + attn(norm("attention_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, _ACT)
-    x_BxTxD = x_BxTxD + mlp(norm("mlp_norm")(x_BxTxD))
+    x_BxTxD = x_BxTxD + mlp(norm("mlp_norm")(x_BxTxD), token_ids_BxT)
     return nn.with_logical_constraint(x_BxTxD, _ACT)
 
 
@@ -83,7 +83,7 @@ class Transformer(nn.Module):
                    expand_schedule(cfg.mlp_types, cfg.num_layers))
     for i, (attention_type, mlp_type) in enumerate(schedule):
       x_BxTxD = block_cls(cfg, attention_type, mlp_type, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, segment_ids_BxT)
+          x_BxTxD, positions_BxT, segment_ids_BxT, inputs_BxT)
 
     x_BxTxD = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:

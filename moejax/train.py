@@ -297,9 +297,11 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   with open(saved_path) as f:
     saved = json.load(f)
   now = json.loads(config_lib.to_json(cfg))
+  # A field the saved config predates had its (unchanged) default then.
+  defaults = json.loads(config_lib.to_json(config_lib.base_config()))
+  was = lambda sec, k: saved.get(sec, {}).get(k, defaults[sec].get(k))
   keys = [("model", k) for k in now["model"]] + [("data", "tokenizer"), ("data", "shards"), ("optim", "name")]
-  diffs = [f"{sec}.{k} is {saved.get(sec, {}).get(k)!r} there but {now[sec][k]!r} now"
-           for sec, k in keys if saved.get(sec, {}).get(k) != now[sec][k]]
+  diffs = [f"{sec}.{k} is {was(sec, k)!r} there but {now[sec][k]!r} now" for sec, k in keys if was(sec, k) != now[sec][k]]
   if diffs:
     raise config_lib.ConfigError(
         f"workdir {workdir} holds checkpoints of a different model: {'; '.join(diffs)}. "

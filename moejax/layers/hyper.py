@@ -50,11 +50,10 @@ def sinkhorn(comb_xNxN: jax.Array, iters: int, eps: float) -> jax.Array:
   divides by ``sum + eps``. Columns sum to 1 (up to eps) on return, rows to 1
   as the iteration converges.
   """
-  comb_xNxN = comb_xNxN / (jnp.sum(comb_xNxN, axis=-2, keepdims=True) + eps)
-  for _ in range(iters - 1):
-    comb_xNxN = comb_xNxN / (jnp.sum(comb_xNxN, axis=-1, keepdims=True) + eps)
-    comb_xNxN = comb_xNxN / (jnp.sum(comb_xNxN, axis=-2, keepdims=True) + eps)
-  return comb_xNxN
+  normalize = lambda c, axis: c / (jnp.sum(c, axis=axis, keepdims=True) + eps)
+  rounds = lambda _, c: normalize(normalize(c, -1), -2)
+  # A loop, not unrolled: 20 rounds x every sublayer would bloat compile time.
+  return jax.lax.fori_loop(0, iters - 1, rounds, normalize(comb_xNxN, -2))
 
 
 def _unweighted_rms_norm(h_BxTxNxD: jax.Array, eps: float) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Train-step throughput of the tiny model, and what remat / accumulation cost.
+"""Train-step throughput of the tiny model, and what remat / accumulation /
+hyper-connections / multi-token prediction cost.
 
   python benchmarks/train_step.py [--steps 20] [--config configs/tiny.py]
 
@@ -21,6 +22,9 @@ VARIANTS = {
     "remat=dots": {"model.remat": "dots"},
     "grad_accum_steps=4": {"train.grad_accum_steps": 4},
     "bfloat16 compute": {"model.dtype": "bfloat16"},
+    "mHC streams=4": {"model.hc.streams": 4},
+    "MTP depth=1": {"model.mtp.depth": 1},
+    "mHC=4 + MTP=1": {"model.hc.streams": 4, "model.mtp.depth": 1},
 }
 
 
@@ -28,8 +32,11 @@ def time_variant(config: str, overrides: dict, steps: int) -> float:
   cfg = load_config(config)
   with cfg.unlocked():
     for dotted, value in overrides.items():
-      section, field = dotted.split(".")
-      cfg[section][field] = value
+      *path, field = dotted.split(".")
+      node = cfg
+      for key in path:
+        node = node[key]
+      node[field] = value
   exp = Experiment(cfg, jax.devices()[:1])
   state, data = exp.init_state(), exp.data_iterator("train")
   batches = [next(data) for _ in range(steps + 2)]
@@ -49,6 +56,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--config", default="configs/tiny.py")
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help="comma-separated subset of: " + ", ".join(VARIANTS) + " (the first is the baseline)")
   args = parser.parse_args()
   cfg = load_config(args.config)
   tokens = cfg.train.batch_size * cfg.data.seq_len
@@ -56,8 +65,8 @@ def main():
         f"{jax.devices()[0].platform}, median of {args.steps} steps")
   print(f"{'variant':<22}{'step ms':>10}{'tokens/s':>12}{'ratio':>8}")
   base = None
-  for name, overrides in VARIANTS.items():
-    t = time_variant(args.config, overrides, args.steps)
+  for name in args.variants.split(","):
+    t = time_variant(args.config, VARIANTS[name], args.steps)
     base = base or t
     print(f"{name:<22}{t * 1e3:>10.1f}{tokens / t:>12,.0f}{t / base:>8.2f}")
 

@@ -129,11 +129,14 @@ def _mtp_train_cfg(source, streams, **train_fields):
   return cfg
 
 
-def test_train_step_objective_matches_a_dense_whole_batch_reference(devices):
-  """loss, mtp_loss_k, total_loss and the gradient norm under gradient
-  accumulation equal a direct full-logits computation on the whole batch."""
-  cfg = _mtp_train_cfg("copy", 1, grad_accum_steps=2)  # the objective does not depend on the residual
-  exp = Experiment(cfg, devices[:1])
+@pytest.mark.multidevice
+def test_sharded_train_step_objective_matches_a_dense_whole_batch_reference(devices):
+  """loss, mtp_loss_k, total_loss and the gradient norm of a sharded step with
+  gradient accumulation equal a direct single-device full-logits computation
+  on the whole batch."""
+  cfg = _mtp_train_cfg("copy", 2, grad_accum_steps=2)
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  exp = Experiment(cfg, devices)
   state, batch = exp.init_state(), next(exp.data_iterator("train"))
   params = jax.device_get(state.params)
   _, metrics = exp.train_step(state, batch)

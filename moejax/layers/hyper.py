@@ -50,10 +50,15 @@ def sinkhorn(comb_xNxN: jax.Array, iters: int, eps: float) -> jax.Array:
   divides by ``sum + eps``. Columns sum to 1 (up to eps) on return, rows to 1
   as the iteration converges.
   """
+  # The rounds run on [N, N, ...]: sums over the two leading axes add whole
+  # slabs, where sums over two trailing axes of size N vectorize poorly (12x
+  # slower on CPU; on TPU an [..., N, N] minor layout pads N to the lane width).
+  # A loop, not unrolled: rounds x sublayers would bloat compile time.
   normalize = lambda c, axis: c / (jnp.sum(c, axis=axis, keepdims=True) + eps)
-  rounds = lambda _, c: normalize(normalize(c, -1), -2)
-  # A loop, not unrolled: 20 rounds x every sublayer would bloat compile time.
-  return jax.lax.fori_loop(0, iters - 1, rounds, normalize(comb_xNxN, -2))
+  rounds = lambda _, c: normalize(normalize(c, 1), 0)
+  comb_NxNx = jnp.moveaxis(comb_xNxN, (-2, -1), (0, 1))
+  comb_NxNx = jax.lax.fori_loop(0, iters - 1, rounds, normalize(comb_NxNx, 0))
+  return jnp.moveaxis(comb_NxNx, (0, 1), (-2, -1))
 
 
 def _unweighted_rms_norm(h_BxTxNxD: jax.Array, eps: float) -> jax.Array:

@@ -50,14 +50,14 @@ def mtp_targets(targets_BxT, weights_BxT, segment_ids_BxT, depth: int) -> tuple[
   ``weights[t + k]`` if t + k < T and positions t and t + k lie in the same
   document (``segment_ids`` equal), else 0. Nothing past the row is used.
   """
-  same_BxT = lambda k: shift_left(segment_ids_BxT, k, fill=-1) == segment_ids_BxT
-  targets = [shift_left(targets_BxT, k) for k in range(1, depth + 1)]
-  weights = [jnp.where(same_BxT(k), shift_left(weights_BxT, k), 0).astype(jnp.float32)
-             for k in range(1, depth + 1)]
   b, t = targets_BxT.shape
-  if not depth:
+  if depth == 0:
     return jnp.zeros((b, 0, t), targets_BxT.dtype), jnp.zeros((b, 0, t), jnp.float32)
-  return jnp.stack(targets, axis=1), jnp.stack(weights, axis=1)
+  ks = range(1, depth + 1)
+  same_doc = [shift_left(segment_ids_BxT, k, fill=-1) == segment_ids_BxT for k in ks]
+  targets = jnp.stack([shift_left(targets_BxT, k) for k in ks], axis=1)
+  weights = jnp.stack([jnp.where(same, shift_left(weights_BxT, k), 0) for k, same in zip(ks, same_doc)], axis=1)
+  return targets, weights.astype(jnp.float32)
 
 
 class MTPModule(nn.Module):
@@ -73,7 +73,7 @@ class MTPModule(nn.Module):
     cfg = self.cfg
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     norm = lambda name: RMSNorm(cfg.norm_eps, dtype, pdtype, name=name)
-    e_BxTxD = norm("embed_norm")(jnp.take(embed_VxD, ids_BxT, axis=0).astype(dtype))
+    e_BxTxD = norm("embed_norm")(nn.with_logical_constraint(jnp.take(embed_VxD, ids_BxT, axis=0).astype(dtype), ACT))
     d = cfg.d_model
     w_proj_2DxD = self.param("eh_proj", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                      (None, "embed")), (2 * d, d), pdtype)

@@ -20,17 +20,15 @@ from moejax.config import expand_schedule
 from moejax.layers import DTYPES
 from moejax.layers.hyper import collapse_streams, expand_streams
 from moejax.layers.norms import RMSNorm
-from moejax.models.block import ACT, Block, block_class
+from moejax.models.block import ACT, block_class
 from moejax.models.mtp import MTPModule, shift_left
-
-__all__ = ["Block", "Hidden", "Transformer", "build_model"]
 
 
 class Hidden(NamedTuple):
   """What ``Transformer(..., return_hidden=True)`` returns."""
 
-  x_BxTxD: jax.Array         # final normed hidden states of the main model
-  head_DxV: jax.Array        # the output matrix (shared by the MTP modules)
+  x_BxTxD: jax.Array          # final normed hidden states of the main model
+  head_DxV: jax.Array         # the output matrix (shared by the MTP modules)
   mtp: tuple[jax.Array, ...]  # per MTP depth k = 1..model.mtp.depth: h^k_BxTxD, normed; () when off
 
 

@@ -37,6 +37,7 @@ from moejax.models.block import ACT, block_class
 
 def shift_left(x_BxT: jax.Array, k: int, fill=0) -> jax.Array:
   """y[:, t] = x[:, t + k] for t + k < T, else ``fill``."""
+  x_BxT = jnp.asarray(x_BxT)
   b, t = x_BxT.shape
   k = min(k, t)
   return jnp.concatenate([x_BxT[:, k:], jnp.full((b, k), fill, x_BxT.dtype)], axis=1)

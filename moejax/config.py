@@ -49,6 +49,21 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",            # none | full | dots | dots_no_batch
   ))
+  # Residual: 1 stream is the plain pre-norm residual; N > 1 streams are
+  # manifold-constrained hyper-connections (moejax/layers/hyper.py).
+  c.model.hc = ml_collections.ConfigDict(dict(
+      streams=1,               # N residual streams per token (DeepSeek-V4: 4)
+      sinkhorn_iters=20,       # Sinkhorn-Knopp iterations for the stream-mixing matrix
+      eps=1e-6,                # floor of the pre weights and of Sinkhorn's denominators
+  ))
+  # Multi-token prediction (DeepSeek-V3 §2.2, moejax/models/mtp.py): sequential
+  # modules sharing the embedding and output head; module k predicts t+k+1.
+  c.model.mtp = ml_collections.ConfigDict(dict(
+      depth=0,                 # number of MTP modules; 0: off
+      loss_weight=0.3,         # lambda: the objective adds lambda / depth * sum_k CE_k
+      attention_type="dense",  # the attention / MLP type of each module's block
+      mlp_type="dense",
+  ))
 
   c.data = ml_collections.ConfigDict(dict(
       source="stdlib",         # stdlib | passkey | mqar | copy | files
@@ -173,6 +188,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _check(e, m[field] in DTYPES, f"model.{field}={m[field]!r} is not one of {DTYPES}.")
   _check(e, m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {REMAT_POLICIES}.")
   _check(e, m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0.")
+  _validate_hc_and_mtp(e, m, d.seq_len, ATTENTION, MLP)
 
   _check(e, d.source in SOURCES, f"data.source={d.source!r} is unknown; known: {', '.join(SOURCES.names())}.")
   _check(e, d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2.")
@@ -254,6 +270,23 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
 
   if e:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(e))
+
+
+def _validate_hc_and_mtp(e: list[str], m: ml_collections.ConfigDict, seq_len: int, attention, mlp) -> None:
+  """model.hc (hyper-connections) and model.mtp (multi-token prediction)."""
+  hc, mtp = m.hc, m.mtp
+  _check(e, hc.streams >= 1, f"model.hc.streams={hc.streams} must be >= 1 (1: the plain residual; "
+                             "DeepSeek-V4 uses 4).")
+  _check(e, hc.sinkhorn_iters >= 1, f"model.hc.sinkhorn_iters={hc.sinkhorn_iters} must be >= 1 (V4 uses 20).")
+  _check(e, hc.eps > 0, f"model.hc.eps={hc.eps} must be > 0 (it keeps Sinkhorn's denominators non-zero; "
+                        "V4 uses 1e-6).")
+  _check(e, 0 <= mtp.depth < seq_len,
+         f"model.mtp.depth={mtp.depth} must be in [0, data.seq_len={seq_len}) (0 turns MTP off).")
+  _check(e, mtp.loss_weight >= 0, f"model.mtp.loss_weight={mtp.loss_weight} must be >= 0 (DeepSeek-V3: 0.3, "
+                                  "then 0.1).")
+  for field, registry in (("attention_type", attention), ("mlp_type", mlp)):
+    _check(e, mtp[field] in registry, f"model.mtp.{field}: unknown {registry.kind} {mtp[field]!r}; "
+                                      f"known: {', '.join(registry.names())}.")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -29,6 +29,7 @@ from moejax.data import ShardedBatches
 from moejax.losses import chunked_token_stats
 from moejax.metrics import MetricsWriter
 from moejax.models import build_model
+from moejax.models.mtp import mtp_targets
 from moejax.models.state import update_model_state
 from moejax.optim import build_optimizer
 from moejax.preemption import StopRequests
@@ -55,6 +56,8 @@ class Forward(NamedTuple):
 
   ce_BxT: jax.Array       # float32 cross-entropy of each target
   correct_BxT: jax.Array  # float32 1.0 where the argmax is the target
+  mtp_ce_BxKxT: jax.Array       # float32 cross-entropy of each MTP depth's target (K = model.mtp.depth)
+  mtp_weights_BxKxT: jax.Array  # their weights (0 past the row / across documents; see models/mtp.py)
   aux_loss: jax.Array     # sum of the sown auxiliary losses
   stats: dict             # for model-state updates (see moejax/models/state.py)
   metrics: dict           # scalars to log, named by module path
@@ -62,12 +65,18 @@ class Forward(NamedTuple):
 
 def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int) -> Forward:
   """Runs the model; logits are formed ``loss_chunk`` positions at a time."""
-  (x_BxTxD, head_DxV), sown = model.apply(
+  hidden, sown = model.apply(
       {"params": params, **model_state}, batch["inputs"], batch["positions"], batch["segment_ids"],
       return_hidden=True, mutable=list(SOWN))
-  ce_BxT, correct_BxT = chunked_token_stats(x_BxTxD, head_DxV, batch["targets"], loss_chunk)
+  ce_BxT, correct_BxT = chunked_token_stats(hidden.x_BxTxD, hidden.head_DxV, batch["targets"], loss_chunk)
+  mtp_y_BxKxT, mtp_w_BxKxT = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"],
+                                         len(hidden.mtp))
+  mtp_ce = [chunked_token_stats(h_BxTxD, hidden.head_DxV, mtp_y_BxKxT[:, k], loss_chunk)[0]
+            for k, h_BxTxD in enumerate(hidden.mtp)]
+  mtp_ce_BxKxT = jnp.stack(mtp_ce, axis=1) if mtp_ce else jnp.zeros_like(mtp_w_BxKxT)
   aux = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("aux_loss", {}))), jnp.zeros((), jnp.float32))
-  return Forward(ce_BxT, correct_BxT, aux, dict(sown.get("stats", {})), _flat_metrics(sown.get("metrics", {})))
+  return Forward(ce_BxT, correct_BxT, mtp_ce_BxKxT, mtp_w_BxKxT, aux, dict(sown.get("stats", {})),
+                 _flat_metrics(sown.get("metrics", {})))
 
 
 def _flat_metrics(tree) -> dict[str, jax.Array]:
@@ -90,18 +99,26 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   """The pure train step; gradients accumulate over ``grad_accum_steps``.
 
   The objective is the token-weighted mean cross-entropy over the *whole*
-  batch plus the mean of the sown auxiliary losses, so accumulation gives the
-  same update as one big batch.
+  batch, plus the mean of the sown auxiliary losses, plus (with
+  ``model.mtp.depth = K > 0``) ``loss_weight / K * sum_k`` of each MTP
+  depth's weighted mean cross-entropy, so accumulation gives the same update
+  as one big batch. The ``loss`` metric is the main next-token CE alone;
+  ``mtp_loss_k`` are logged per depth.
   """
+  mtp = model.cfg.mtp
 
   def train_step(state: TrainState, batch: Batch):
     total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+    _, mtp_w_BxKxT = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"], mtp.depth)
+    mtp_total_weight_K = jnp.maximum(jnp.sum(mtp_w_BxKxT, axis=(0, 2)), 1.0)
 
     def micro_loss(params, micro: Batch):
       out = _forward(model, params, state.model_state, micro, loss_chunk)
       ce_sum = jnp.sum(out.ce_BxT * micro["weights"].astype(jnp.float32))
-      return ce_sum / total_weight + out.aux_loss / grad_accum_steps, (ce_sum, out.aux_loss, out.stats,
-                                                                       out.metrics)
+      mtp_sum_K = jnp.sum(out.mtp_ce_BxKxT * out.mtp_weights_BxKxT, axis=(0, 2))
+      mtp_term = mtp.loss_weight / max(mtp.depth, 1) * jnp.sum(mtp_sum_K / mtp_total_weight_K)
+      objective = ce_sum / total_weight + out.aux_loss / grad_accum_steps + mtp_term
+      return objective, (ce_sum, mtp_sum_K, out.aux_loss, out.stats, out.metrics)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     micros = _split_micro(batch, grad_accum_steps)
@@ -112,26 +129,29 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micros))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
-    (grads, (ce_sum, aux_sum, stats, layer_metrics)), _ = jax.lax.scan(accumulate, zeros, micros)
+    (grads, (ce_sum, mtp_sum_K, aux_sum, stats, layer_metrics)), _ = jax.lax.scan(accumulate, zeros, micros)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = update_model_state(state.model_state, stats, model.cfg)
     ce = ce_sum / total_weight
     aux = aux_sum / grad_accum_steps
+    mtp_loss_K = mtp_sum_K / mtp_total_weight_K
+    total = ce + aux + mtp.loss_weight / max(mtp.depth, 1) * jnp.sum(mtp_loss_K)
     grad_norm = optax.tree.norm(grads)
 
     # A NaN/Inf loss or gradient leaves the state exactly as it was (the
     # trainer's config.train.nonfinite policy decides what happens next).
-    finite = jnp.isfinite(ce + aux) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     params, opt_state, model_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old),
         (params, opt_state, model_state), (state.params, state.opt_state, state.model_state))
     nonfinite_steps = state.nonfinite_steps + (~finite).astype(jnp.int32)
 
-    metrics = {"loss": ce, "aux_loss": aux, "total_loss": ce + aux, "grad_norm": grad_norm,
+    metrics = {"loss": ce, "aux_loss": aux, "total_loss": total, "grad_norm": grad_norm,
                "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step),
                "tokens": total_weight, "finite": finite, "nonfinite_steps": nonfinite_steps,
+               **{f"mtp_loss_{k + 1}": mtp_loss_K[k] for k in range(mtp.depth)},
                **{k: v / grad_accum_steps for k, v in layer_metrics.items()}}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state, nonfinite_steps=nonfinite_steps)
@@ -141,13 +161,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 
 def make_eval_step(model: nn.Module, loss_chunk: int) -> Callable[[TrainState, Batch], dict]:
-  """Sums of weighted loss, weight and correct argmax predictions on a batch."""
+  """Sums of weighted loss, weight and correct argmax predictions on a batch,
+  and per MTP depth (``[K]`` arrays) of weighted loss and weight."""
 
   def eval_step(params, model_state, batch: Batch):
     out = _forward(model, params, model_state, batch, loss_chunk)
     w_BxT = batch["weights"].astype(jnp.float32)
     return {"loss_sum": jnp.sum(out.ce_BxT * w_BxT), "weight_sum": jnp.sum(w_BxT),
-            "correct_sum": jnp.sum(out.correct_BxT * w_BxT)}
+            "correct_sum": jnp.sum(out.correct_BxT * w_BxT),
+            "mtp_loss_sum": jnp.sum(out.mtp_ce_BxKxT * out.mtp_weights_BxKxT, axis=(0, 2)),
+            "mtp_weight_sum": jnp.sum(out.mtp_weights_BxKxT, axis=(0, 2))}
 
   return eval_step
 
@@ -204,13 +227,13 @@ class Experiment:
     with self._context():
       return self._train_step(state, put_batch(batch, self.mesh))
 
-  def eval_sums(self, state: TrainState, batches) -> dict[str, float]:
-    """Sums over ``batches`` (host numpy dicts) of loss, weight, correct."""
-    totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+  def eval_sums(self, state: TrainState, batches) -> dict[str, np.ndarray]:
+    """Sums over ``batches`` (host numpy dicts) of the :func:`make_eval_step` sums."""
+    totals = None
     with self._context():
       for batch in batches:
         sums = jax.device_get(self._eval_step(state.params, state.model_state, put_batch(batch, self.mesh)))
-        totals = {k: totals[k] + float(sums[k]) for k in totals}
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     return totals
 
   def token_stats(self, state: TrainState, batch) -> tuple[np.ndarray, np.ndarray]:
@@ -233,13 +256,16 @@ class Experiment:
       raise config_lib.ConfigError(f"data ({split} split): {err}") from err
 
   def evaluate(self, state: TrainState, num_batches: int) -> dict[str, float]:
-    """Validation loss, perplexity and token accuracy on the first batches."""
+    """Validation loss, perplexity and token accuracy on the first batches
+    (and ``eval_mtp_loss_k`` per MTP depth)."""
     it = self.data_iterator("validation")
     sums = self.eval_sums(state, (next(it) for _ in range(num_batches)))
-    weight = max(sums["weight_sum"], 1.0)
-    loss = sums["loss_sum"] / weight
-    return {"eval_loss": loss, "eval_perplexity": float(jnp.exp(loss)),
-            "eval_accuracy": sums["correct_sum"] / weight, "eval_tokens": sums["weight_sum"]}
+    weight = max(float(sums["weight_sum"]), 1.0)
+    loss = float(sums["loss_sum"]) / weight
+    mtp_loss_K = sums["mtp_loss_sum"] / np.maximum(sums["mtp_weight_sum"], 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss)),
+            "eval_accuracy": float(sums["correct_sum"]) / weight, "eval_tokens": float(sums["weight_sum"]),
+            **{f"eval_mtp_loss_{k + 1}": float(v) for k, v in enumerate(mtp_loss_K)}}
 
 
 class NonFiniteError(RuntimeError):
@@ -271,9 +297,11 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   with open(saved_path) as f:
     saved = json.load(f)
   now = json.loads(config_lib.to_json(cfg))
+  # A field the saved config predates had its (unchanged) default then.
+  defaults = json.loads(config_lib.to_json(config_lib.base_config()))
+  was = lambda sec, k: saved.get(sec, {}).get(k, defaults[sec].get(k))
   keys = [("model", k) for k in now["model"]] + [("data", "tokenizer"), ("data", "shards"), ("optim", "name")]
-  diffs = [f"{sec}.{k} is {saved.get(sec, {}).get(k)!r} there but {now[sec][k]!r} now"
-           for sec, k in keys if saved.get(sec, {}).get(k) != now[sec][k]]
+  diffs = [f"{sec}.{k} is {was(sec, k)!r} there but {now[sec][k]!r} now" for sec, k in keys if was(sec, k) != now[sec][k]]
   if diffs:
     raise config_lib.ConfigError(
         f"workdir {workdir} holds checkpoints of a different model: {'; '.join(diffs)}. "

@@ -1,10 +1,29 @@
 """Small shared builders for tests."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from moejax.config import base_config
+from moejax.layers.attention import ATTENTION
+from moejax.layers.mlp import MLP
+
+
+@ATTENTION.register("linear_test")
+@MLP.register("linear_test")
+class LinearSublayer(nn.Module):
+  """x @ W, token by token: a stand-in for attention/MLP in tests of the
+  residual wiring, which then has a closed-form per-token reference."""
+
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x_BxTxD, *unused):
+    d = x_BxTxD.shape[-1]
+    w_DxD = self.param("w", nn.initializers.normal(d ** -0.5), (d, d), jnp.float32)
+    return x_BxTxD @ w_DxD
 
 
 def tiny_model_cfg(**overrides) -> ml_collections.FrozenConfigDict:

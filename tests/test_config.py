@@ -6,10 +6,14 @@ from moejax.config import ConfigError, base_config, load_config, validate
 
 
 def _cfg(**fields):
+  """base_config() with fields given as ``section__name`` (or ``section__sub__name``)."""
   cfg = base_config()
   for dotted, value in fields.items():
-    section, name = dotted.split("__")
-    cfg[section][name] = value
+    *path, name = dotted.split("__")
+    node = cfg
+    for key in path:
+      node = node[key]
+    node[name] = value
   return cfg
 
 
@@ -21,6 +25,13 @@ def _cfg(**fields):
     ({"model__mlp_types": ("nope",)}, 1, "unknown mlp type 'nope'"),
     ({"model__dtype": "fp8"}, 1, "model.dtype='fp8'"),
     ({"model__vocab_size": 100}, 1, "--config.model.vocab_size=259"),
+    ({"model__hc__streams": 0}, 1, "model.hc.streams=0 must be >= 1"),
+    ({"model__hc__sinkhorn_iters": 0}, 1, "model.hc.sinkhorn_iters=0 must be >= 1"),
+    ({"model__hc__eps": 0.0}, 1, "model.hc.eps=0.0 must be > 0"),
+    ({"model__mtp__depth": 256}, 1, "model.mtp.depth=256 must be in [0, data.seq_len=256)"),
+    ({"model__mtp__loss_weight": -0.1}, 1, "model.mtp.loss_weight=-0.1 must be >= 0"),
+    ({"model__mtp__attention_type": "flash"}, 1, "model.mtp.attention_type: unknown attention type 'flash'"),
+    ({"model__mtp__mlp_type": "nope"}, 1, "model.mtp.mlp_type: unknown mlp type 'nope'"),
     ({"data__source": "wikipedia"}, 1, "data.source='wikipedia' is unknown"),
     ({"data__source": "copy", "data__task_length": 1000}, 1, "data.task_length=1000 must be in [1, data.seq_len + 1 = 257]"),
     ({"data__source": "files"}, 1, "data.source='files' needs data.files"),
@@ -46,6 +57,7 @@ def test_all_problems_are_reported_at_once():
 
 
 @pytest.mark.parametrize("spec", ["configs/tiny.py", "configs/tiny.py:copy", "configs/tiny.py:passkey",
-                                  "configs/tiny.py:mqar", "configs/small.py"])
+                                  "configs/tiny.py:mqar", "configs/small.py",
+                                  "configs/tiny_mhc_mtp.py", "configs/tiny_mhc_mtp.py:copy"])
 def test_shipped_configs_are_valid(spec):
   validate(load_config(spec), num_devices=8)

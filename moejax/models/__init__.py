@@ -1,5 +1,6 @@
 """Model assembly from the per-layer schedule."""
 
-from moejax.models.transformer import Block, Transformer, build_model
+from moejax.models.block import Block
+from moejax.models.transformer import Hidden, Transformer, build_model
 
-__all__ = ["Block", "Transformer", "build_model"]
+__all__ = ["Block", "Hidden", "Transformer", "build_model"]

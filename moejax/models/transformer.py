@@ -2,10 +2,14 @@
 
 Layer i uses attention type ``attention_types[i]`` and MLP type
 ``mlp_types[i]``, looked up by name in the ``ATTENTION`` and ``MLP``
-registries, so new variants slot in without touching this file.
+registries, so new variants slot in without touching this file. The residual
+(plain or hyper-connections, ``model.hc``) and the multi-token-prediction
+modules (``model.mtp``) are config choices that work with every type.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -14,39 +18,18 @@ import ml_collections
 
 from moejax.config import expand_schedule
 from moejax.layers import DTYPES
-from moejax.layers.attention import ATTENTION
-from moejax.layers.mlp import MLP
+from moejax.layers.hyper import collapse_streams, expand_streams
 from moejax.layers.norms import RMSNorm
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-_ACT = ("act_batch", "act_length", "act_embed")
+from moejax.models.block import ACT, block_class
+from moejax.models.mtp import MTPModule, shift_left
 
 
-class Block(nn.Module):
-  """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+class Hidden(NamedTuple):
+  """What ``Transformer(..., return_hidden=True)`` returns."""
 
-  x_BxTxD -> x_BxTxD.
-  """
-
-  cfg: ml_collections.FrozenConfigDict
-  attention_type: str
-  mlp_type: str
-
-  @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, token_ids_BxT):
-    cfg = self.cfg
-    norm = lambda name: RMSNorm(cfg.norm_eps, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype], name=name)
-    attn = ATTENTION.get(self.attention_type)(cfg=cfg, name="attention")
-    mlp = MLP.get(self.mlp_type)(cfg=cfg, name="mlp")
-    x_BxTxD = x_BxTxD + attn(norm("attention_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, _ACT)
-    x_BxTxD = x_BxTxD + mlp(norm("mlp_norm")(x_BxTxD), token_ids_BxT)
-    return nn.with_logical_constraint(x_BxTxD, _ACT)
+  x_BxTxD: jax.Array          # final normed hidden states of the main model
+  head_DxV: jax.Array         # the output matrix (shared by the MTP modules)
+  mtp: tuple[jax.Array, ...]  # per MTP depth k = 1..model.mtp.depth: h^k_BxTxD, normed; () when off
 
 
 class Transformer(nn.Module):
@@ -54,10 +37,11 @@ class Transformer(nn.Module):
 
   inputs_BxT int -> logits_BxTxV float32. ``positions`` (for RoPE) default to
   ``0..T-1``; ``segment_ids`` (packed documents, 0 = padding) default to one
-  document per row. With ``return_hidden=True`` it returns ``(x_BxTxD,
-  head_DxV)`` instead — the final normed hidden states and the output matrix
-  — so losses can form logits chunk by chunk and never hold ``[B, T, V]``
-  (see ``moejax/losses.py``).
+  document per row. With ``return_hidden=True`` it returns a :class:`Hidden`
+  instead — the final normed hidden states, the output matrix and the
+  multi-token-prediction hidden states — so losses can form logits chunk by
+  chunk and never hold ``[B, T, V]`` (see ``moejax/losses.py``). The MTP
+  modules run only then (and at init); plain calls give the main logits.
   """
 
   cfg: ml_collections.FrozenConfigDict
@@ -74,26 +58,31 @@ class Transformer(nn.Module):
     embed_VxD = self.param(
         "embed", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
         (cfg.vocab_size, cfg.d_model), pdtype)
-    x_BxTxD = nn.with_logical_constraint(jnp.take(embed_VxD, inputs_BxT, axis=0).astype(dtype), _ACT)
+    x_BxTxD = nn.with_logical_constraint(jnp.take(embed_VxD, inputs_BxT, axis=0).astype(dtype), ACT)
 
-    block_cls = Block
-    if cfg.remat != "none":
-      block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+    h, block = expand_streams(x_BxTxD, cfg.hc.streams), block_class(cfg)
     schedule = zip(expand_schedule(cfg.attention_types, cfg.num_layers),
                    expand_schedule(cfg.mlp_types, cfg.num_layers))
     for i, (attention_type, mlp_type) in enumerate(schedule):
-      x_BxTxD = block_cls(cfg, attention_type, mlp_type, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, segment_ids_BxT, inputs_BxT)
+      h = block(cfg, attention_type, mlp_type, name=f"layer_{i}")(
+          h, positions_BxT, segment_ids_BxT, inputs_BxT)
+    x_BxTxD = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(collapse_streams(cfg, h))
 
-    x_BxTxD = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
       head_DxV = embed_VxD.T
     else:
       head_DxV = self.param(
           "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), pdtype)
-    if return_hidden:
-      return x_BxTxD, head_DxV.astype(dtype)
+
+    if return_hidden or self.is_initializing():
+      mtp_hidden, h_BxTxD = [], x_BxTxD
+      for k in range(1, cfg.mtp.depth + 1):
+        h_BxTxD = MTPModule(cfg, name=f"mtp_{k}")(
+            h_BxTxD, shift_left(inputs_BxT, k), embed_VxD, positions_BxT, segment_ids_BxT)
+        mtp_hidden.append(h_BxTxD)
+      if return_hidden:
+        return Hidden(x_BxTxD, head_DxV.astype(dtype), tuple(mtp_hidden))
     logits_BxTxV = jnp.einsum("BTD,DV->BTV", x_BxTxD, head_DxV.astype(dtype))
     return nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 

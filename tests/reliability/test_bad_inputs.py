@@ -1,11 +1,14 @@
 """Table of bad inputs: each exits with status 2, a message naming the problem
 and the fix, no traceback, before compiling, and writes nothing."""
 
+import json
 import os
 
 import pytest
 
 from moejax import cli
+from moejax.config import ConfigError, base_config, to_json
+from moejax.train import check_workdir
 
 BASE = ["train", "--config", "configs/tiny.py", "--config.model.num_layers=1", "--config.model.d_model=32",
         "--config.data.seq_len=32", "--config.train.batch_size=8", "--config.train.steps=2",
@@ -43,6 +46,7 @@ CASES = {
     "seq_len beyond data": (lambda p: _files(p, "tiny.txt", "hello"), "data.seq_len=32 is longer than the whole"),
     "task longer than rows": (lambda p: ["--config.data.source=copy", "--config.data.task_length=100"],
                               "data.task_length=100 must be in [1, data.seq_len + 1 = 33]"),
+    "hyper-connection streams": (lambda p: ["--config.model.hc.streams=0"], "model.hc.streams=0 must be >= 1"),
     "tokenizer file missing": (lambda p: [f"--config.data.tokenizer={p}/sp.model"], "data.tokenizer"),
 }
 
@@ -68,3 +72,17 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path, capsys):
   assert rc == 2
   assert "holds checkpoints of a different model: model.d_model is 32 there but 64 now" in err
   assert (sorted(os.listdir(workdir)), (workdir / "config.json").read_text()) == before
+
+
+def test_workdir_from_before_a_new_field_resumes_at_its_default(tmp_path):
+  """A config.json saved before model.hc / model.mtp existed matches their
+  defaults (the checkpoints are unchanged), and only those."""
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+  saved = json.loads(to_json(base_config()))
+  del saved["model"]["hc"], saved["model"]["mtp"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  check_workdir(base_config(), str(tmp_path))
+  cfg = base_config()
+  cfg.model.hc.streams = 4
+  with pytest.raises(ConfigError, match="model.hc is .* there but"):
+    check_workdir(cfg, str(tmp_path))

@@ -1,0 +1,62 @@
+"""One decoder block: attention then MLP, each inside the model's residual.
+
+The residual is ``model.hc.streams``: 1 is the plain pre-norm residual, N > 1
+the manifold-constrained hyper-connections of ``moejax/layers/hyper.py``. Both
+wrap whichever attention / MLP types the schedule names.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from moejax.layers import DTYPES
+from moejax.layers.attention import ATTENTION
+from moejax.layers.hyper import HyperConnection, mix_streams
+from moejax.layers.mlp import MLP
+from moejax.layers.norms import RMSNorm
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+class Block(nn.Module):
+  """Attention then MLP, each a residual branch ``f`` around a pre-norm.
+
+  Plain (``model.hc.streams == 1``): x_BxTxD -> x_BxTxD, ``x + f(norm(x))``.
+  mHC (N streams): h_BxTxNxD -> h_BxTxNxD, ``post * f(norm(sum_n pre_n h_n)) +
+  comb^T h`` (DeepSeek-V4's decoder layer; see ``moejax/layers/hyper.py``).
+  """
+
+  cfg: ml_collections.FrozenConfigDict
+  attention_type: str
+  mlp_type: str
+
+  @nn.compact
+  def __call__(self, h, positions_BxT, segment_ids_BxT, token_ids_BxT):
+    cfg = self.cfg
+    attn = ATTENTION.get(self.attention_type)(cfg=cfg, name="attention")
+    mlp = MLP.get(self.mlp_type)(cfg=cfg, name="mlp")
+
+    def residual(name, sublayer, h):
+      norm = RMSNorm(cfg.norm_eps, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype], name=f"{name}_norm")
+      if cfg.hc.streams == 1:
+        return nn.with_logical_constraint(h + sublayer(norm(h)), ACT)
+      post, comb, x_BxTxD = HyperConnection(cfg, name=f"{name}_hc")(h)
+      return mix_streams(h, sublayer(norm(x_BxTxD)), post, comb)
+
+    h = residual("attention", lambda x: attn(x, positions_BxT, segment_ids_BxT), h)
+    return residual("mlp", lambda x: mlp(x, token_ids_BxT), h)
+
+
+def block_class(cfg: ml_collections.FrozenConfigDict) -> type[nn.Module]:
+  """``Block``, rematerialized under ``model.remat`` when set."""
+  if cfg.remat == "none":
+    return Block
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)

@@ -15,6 +15,7 @@ import ml_collections
 from moejax.config import expand_schedule
 from moejax.layers import DTYPES
 from moejax.layers.attention import ATTENTION
+from moejax.layers import moe as _moe  # noqa: F401  (registers the moe / hash_moe MLP types)
 from moejax.layers.mlp import MLP
 from moejax.layers.norms import RMSNorm
 

@@ -320,9 +320,13 @@ def dispatch(x_BxTxD, expert_BxTxK, weight_BxTxK, w: ExpertWeights, spec: Dispat
 
   if mesh.empty or mesh.size == 1:
     return local(x_BxTxD, expert_BxTxK, weight_BxTxK, w)
-
   ep_size = mesh.shape["expert"]
   token_axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1)
+  b, t, _ = x_BxTxD.shape
+  if b % math.prod(mesh.shape[a] for a in token_axes) or t % mesh.shape["context"]:
+    # A batch the mesh cannot split (e.g. the one-row dummy of model.init): no
+    # per-device dispatch; the compiler partitions the plain computation.
+    return local(x_BxTxD, expert_BxTxK, weight_BxTxK, w)
   summed_axes = token_axes + (("context",) if mesh.shape["context"] > 1 else ())
 
   replicated_axes = tuple(a for a in summed_axes if a != "expert")  # same experts, different tokens

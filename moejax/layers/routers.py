@@ -46,7 +46,6 @@ import ml_collections
 from flax import traverse_util
 
 from moejax.layers.moe_dispatch import capacity
-from moejax.models.state import STATE_UPDATES
 from moejax.registry import Registry
 
 ROUTERS = Registry("router")
@@ -189,7 +188,6 @@ class ExpertChoiceRouter(nn.Module):
             RouterAux(logits_NxE, probs_from_scores(scores_NxE, moe.score)))
 
 
-@STATE_UPDATES.register(BIAS_COLLECTION)
 def update_router_bias(tree, stats, model_cfg):
   """Auxiliary-loss-free balancing (DeepSeek-V3): after each step, every bias
   moves by ``bias_update_rate`` towards balance, ``b += rate * sign(mean(load) - load)``,
@@ -201,3 +199,9 @@ def update_router_bias(tree, stats, model_cfg):
     load_E = loads.get(path[:-1] + ("load",))
     new[path] = bias_E if load_E is None else bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
   return traverse_util.unflatten_dict(new)
+
+
+# Imported last: moejax.models imports the model, which imports this module.
+from moejax.models.state import STATE_UPDATES  # noqa: E402
+
+STATE_UPDATES.register(BIAS_COLLECTION)(update_router_bias)

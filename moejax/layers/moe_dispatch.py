@@ -22,8 +22,9 @@ Backends (``BACKENDS``; ``auto`` picks per platform, see ``resolve_backend``):
   static capacities (``lax.switch``) as the smallest one that holds the most
   loaded expert, so no token is dropped and padding stays small when the
   load is balanced. A custom VJP keeps every residual independent of the
-  chosen C (and moves data with gathers only, no scatters). Under expert
-  parallelism the padded buffer travels with ``all_to_all``.
+  chosen C (saved per assignment, not per slot) and moves data with gathers
+  only, no scatters. Under expert parallelism the padded buffer travels with
+  ``all_to_all``.
 * ``ragged_dot``: sort, ``jax.lax.ragged_dot`` per projection, unsort;
   dropless, no padding. Native on TPU; dense-materialized on GPU (jax 0.10)
   and ~100x a dense matmul on CPU, so it is the default only on TPU.
@@ -53,7 +54,7 @@ from moejax.registry import Registry
 
 # Dropless ``einsum`` capacities, as multiples of the mean load N * top_k / E
 # (rounded up to 8 rows); the number of tokens N always closes the ladder.
-DROPLESS_LADDER = (1.0, 1.125, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+DROPLESS_LADDER = (1.0, 1.125, 1.25, 1.375, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
 TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
 
 
@@ -198,33 +199,61 @@ def _unpad(a_ExCxX, maps: PaddedMaps):
   return jnp.where(maps.kept_M[:, None], a_ExCxX.reshape(e * c, x)[maps.slot_M], 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _padded_experts(limit: float, exchange: _Exchange, x_NxD, maps: PaddedMaps, w: ExpertWeights):
-  """Per-assignment expert outputs ``[M, D]`` through a padded ``[E, C, D]`` buffer."""
-  return _padded_experts_fwd(limit, exchange, x_NxD, maps, w)[0]
+def _at_capacity(caps: tuple[int, ...], branch, fn, *args):
+  """``fn(caps[branch], *args)``: a plain call for one capacity, else ``lax.switch``."""
+  if len(caps) == 1:
+    return fn(caps[0], *args)
+  return jax.lax.switch(branch, [functools.partial(fn, cap) for cap in caps], *args)
 
 
-def _padded_experts_fwd(limit, exchange, x_NxD, maps, w):
-  x_e = exchange.to_experts(_pad(x_NxD, maps, x_NxD.shape[0]))
-  y_e = _down(swiglu(*_up(x_e, w.gate_ExDxF, w.up_ExDxF), limit), w.down_ExFxD)
-  # Residuals are the inputs only (the gate/up projections are recomputed in
-  # the backward pass), so they do not depend on the capacity C.
-  return _unpad(exchange.from_experts(y_e), maps), (x_NxD, maps, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _padded_experts(caps: tuple[int, ...], limit: float, exchange: _Exchange, branch, x_NxD, plan: Plan,
+                    w: ExpertWeights):
+  """Per-assignment expert outputs ``y_MxD`` through a padded ``[E, C, D]``
+  buffer with C = ``caps[branch]`` (zero for dropped assignments).
+
+  The custom VJP keeps the residuals independent of C, so a ``lax.switch``
+  over capacities does not hold residuals for every branch: the inputs, and
+  on one device the gate/up pre-activations per assignment ``[M, F]``; under
+  expert parallelism those live on other devices and are recomputed instead.
+  """
+  return _padded_experts_fwd(caps, limit, exchange, branch, x_NxD, plan, w)[0]
 
 
-def _padded_experts_bwd(limit, exchange, res, dy_MxD):
-  x_NxD, maps, w = res
+def _padded_experts_fwd(caps, limit, exchange, branch, x_NxD, plan, w):
+  keep = exchange.ep_size == 1
+
+  def forward(cap, x_NxD, w):
+    maps = padded_maps(plan, cap)
+    x_e = exchange.to_experts(_pad(x_NxD, maps, x_NxD.shape[0]))
+    g_e, u_e = _up(x_e, w.gate_ExDxF, w.up_ExDxF)
+    y_M = _unpad(exchange.from_experts(_down(swiglu(g_e, u_e, limit), w.down_ExFxD)), maps)
+    return y_M, ((_unpad(g_e, maps), _unpad(u_e, maps)) if keep else None)
+
+  y_M, gate_up_M = _at_capacity(caps, branch, forward, x_NxD, w)
+  return y_M, (branch, x_NxD, plan, w, gate_up_M)
+
+
+def _padded_experts_bwd(caps, limit, exchange, res, dy_MxD):
+  branch, x_NxD, plan, w, gate_up_M = res
   n = x_NxD.shape[0]
-  x_e = exchange.to_experts(_pad(x_NxD, maps, n))
-  dy_e = exchange.to_experts(_pad(dy_MxD, maps))
-  (g_e, u_e), up_vjp = jax.vjp(_up, x_e, w.gate_ExDxF, w.up_ExDxF)
-  h_e, act_vjp = jax.vjp(lambda g, u: swiglu(g, u, limit), g_e, u_e)
-  dh_e, d_down = jax.vjp(_down, h_e, w.down_ExFxD)[1](dy_e)
-  dx_e, d_gate, d_up = up_vjp(act_vjp(dh_e))
-  dx_M = _unpad(exchange.from_experts(dx_e), maps)
-  dx_NxD = dx_M.reshape(-1, n, dx_M.shape[-1]).sum(0)
-  int_zeros = jax.tree.map(lambda _: None, maps)
-  return dx_NxD, int_zeros, ExpertWeights(d_gate, d_up, d_down)
+
+  def backward(cap, x_NxD, w, dy_MxD, gate_up_M):
+    maps = padded_maps(plan, cap)
+    x_e = exchange.to_experts(_pad(x_NxD, maps, n))
+    dy_e = exchange.to_experts(_pad(dy_MxD, maps))
+    if gate_up_M is None:
+      g_e, u_e = _up(x_e, w.gate_ExDxF, w.up_ExDxF)
+    else:
+      g_e, u_e = (_pad(a, maps) for a in gate_up_M)
+    h_e, act_vjp = jax.vjp(lambda g, u: swiglu(g, u, limit), g_e, u_e)
+    dh_e, d_down = jax.vjp(_down, h_e, w.down_ExFxD)[1](dy_e)
+    dx_e, d_gate, d_up = jax.vjp(_up, x_e, w.gate_ExDxF, w.up_ExDxF)[1](act_vjp(dh_e))
+    dx_M = _unpad(exchange.from_experts(dx_e), maps)
+    return dx_M.reshape(-1, n, dx_M.shape[-1]).sum(0), ExpertWeights(d_gate, d_up, d_down)
+
+  dx_NxD, dw = _at_capacity(caps, branch, backward, x_NxD, w, dy_MxD, gate_up_M)
+  return None, dx_NxD, jax.tree.map(lambda _: None, plan), dw
 
 
 _padded_experts.defvjp(_padded_experts_fwd, _padded_experts_bwd)
@@ -233,22 +262,16 @@ _padded_experts.defvjp(_padded_experts_fwd, _padded_experts_bwd)
 def _einsum_dispatch(x_NxD, expert_KxN, weight_KxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
   k, n = expert_KxN.shape
   plan = make_plan(expert_KxN, spec.num_experts)
-  exchange = _Exchange(ep_size)
-
-  def run(cap, x_NxD, w):
-    maps = padded_maps(plan, cap)
-    y_M = _padded_experts(spec.swiglu_limit, exchange, x_NxD, maps, w)
-    return y_M, jnp.sum((plan.expert_M < spec.num_experts) & ~maps.kept_M)
-
-  if not spec.dropless:
-    y_M, dropped = run(capacity(n, spec.top_k, spec.num_experts, spec.capacity_factor), x_NxD, w)
-  else:
+  if spec.dropless:
     caps = dropless_capacities(n, spec.top_k, spec.num_experts)
     most = jnp.max(plan.counts_E)
     if ep_size > 1:  # every device of an all_to_all group must take the same branch
       most = jax.lax.pmax(most, "expert")
-    branch = jnp.searchsorted(jnp.asarray(caps), most)
-    y_M, dropped = jax.lax.switch(branch, [functools.partial(run, c) for c in caps], x_NxD, w)
+    branch = jnp.searchsorted(jnp.asarray(caps), most).astype(jnp.int32)
+  else:
+    caps, branch = (capacity(n, spec.top_k, spec.num_experts, spec.capacity_factor),), jnp.zeros((), jnp.int32)
+  y_M = _padded_experts(caps, spec.swiglu_limit, _Exchange(ep_size), branch, x_NxD, plan, w)
+  dropped = jnp.sum((plan.expert_M < spec.num_experts) & (plan.rank_M >= jnp.asarray(caps)[branch]))
   return _combine(y_M.reshape(k, n, -1), weight_KxN), dropped
 
 

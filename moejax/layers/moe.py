@@ -94,7 +94,8 @@ class MoE(nn.Module):
     y_BxTxD, dropped = dispatch(x_BxTxD.astype(dtype), expert_BxTxK, weight_NxK.reshape(b, t, -1), weights, spec)
     if moe.num_shared:
       y_BxTxD = y_BxTxD + SwiGLU(cfg, ffn_dim=moe.num_shared * f, limit=moe.swiglu_limit, name="shared")(x_BxTxD)
-    self._losses_and_metrics(expert_BxTxK, aux, dropped)
+    if not self.is_initializing():  # init keeps parameters and state only
+      self._losses_and_metrics(expert_BxTxK, aux, dropped)
     return nn.with_logical_constraint(y_BxTxD.astype(dtype), ("act_batch", "act_length", "act_embed"))
 
   def _losses_and_metrics(self, expert_BxTxK, aux: RouterAux, dropped) -> None:

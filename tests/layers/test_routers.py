@@ -1,9 +1,5 @@
-"""Routers: aux-loss-free bias, hash table, expert choice, a user router from the README."""
+"""Routers: aux-loss-free bias, hash table, expert choice (a user router: test_moe_parallel.py)."""
 
-import json
-import logging
-import re
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -11,17 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.config import load_config
 from moejax.layers.moe_dispatch import capacity
 from moejax.layers.routers import ROUTERS, update_router_bias
 from moejax.models.state import update_model_state
 from moejax.registry import Registry
-from moejax.train import Experiment, ExpertCollapseWatch, train
 from tests.layers.test_moe import D, E, moe_cfg
 from tests.layers.moe_reference import np_route
-
-README = Path(__file__).parents[2] / "README.md"
-
 
 def test_selection_bias_moves_a_skewed_load_towards_uniform():
   """Tokens whose scores favour experts 0 and 1: the sign-rule bias updates
@@ -96,49 +87,6 @@ def test_expert_choice_gives_every_expert_exactly_its_capacity():
   np.testing.assert_array_equal(np.asarray(expert_NxE)[chosen], np.nonzero(chosen)[1])
   np.testing.assert_allclose(np.asarray(weight_NxE)[chosen], np.asarray(aux.probs_NxE)[chosen], rtol=1e-6)
   assert np.all(np.asarray(weight_NxE)[~chosen] == 0)
-
-
-def test_readme_router_is_selected_from_a_config_file_and_trains(tmp_path, devices, monkeypatch, caplog):
-  """The README's "Write your own router" snippet in a user config file, next to
-  a hash layer, through the training loop: per-expert loads in metrics.jsonl,
-  the hash table frozen, the expert-collapse warning wired to the loads."""
-  section = README.read_text().split("### Write your own router")[1]
-  snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-  config = tmp_path / "my_moe.py"
-  config.write_text(snippet + '''
-from moejax.config import base_config
-
-
-def get_config():
-  c = base_config()
-  c.model.update(num_layers=2, d_model=32, num_heads=2, num_kv_heads=1, ffn_dim=64, mlp_types=("hash_moe", "moe"))
-  c.model.moe.update(router="top_p", num_experts=8, top_k=3, expert_ffn_dim=16, load_balance_weight=0.01,
-                     collapse_steps=2)
-  c.data.update(source="copy", seq_len=32, task_length=16)
-  c.train.update(steps=3, batch_size=4, log_every=1, eval_every=0, checkpoint_every=3)
-  return c
-''')
-  cfg = load_config(str(config))
-  load_config(str(config))  # a config file run twice re-registers its router without complaint
-  monkeypatch.setattr(ExpertCollapseWatch, "THRESHOLD", 2.0)  # every expert counts as collapsed
-  initial = Experiment(cfg, devices[:1]).init_state()
-  with caplog.at_level(logging.WARNING, logger="moejax.train"):
-    state = train(cfg, str(tmp_path / "run"), devices[:1])
-
-  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-  assert [r["step"] for r in records] == [1, 2, 3]
-  assert all(np.isfinite(r["loss"]) and r["aux_loss"] > 0 for r in records)
-  for layer in ("layer_0", "layer_1"):
-    load = records[-1][f"{layer}/mlp/expert_load"]
-    assert len(load) == 8 and np.isclose(np.mean(load), 1.0, rtol=1e-3)
-  collapsed = [r.message for r in caplog.records if "collapsed" in r.message]
-  assert len(collapsed) == 16 and all(m.startswith("step 2: layer_") for m in collapsed)
-  np.testing.assert_array_equal(state.model_state["hash_table"]["layer_0"]["mlp"]["router"]["tid2eid"],
-                                initial.model_state["hash_table"]["layer_0"]["mlp"]["router"]["tid2eid"])
-  router = ROUTERS.get("top_p")(cfg=Experiment(cfg, devices[:1]).model.cfg)
-  x = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
-  expert_NxK, _, _ = router.apply({"params": state.params["layer_1"]["mlp"]["router"]}, x * 20, None)
-  assert 0 < np.mean(np.asarray(expert_NxK) == 8) < 1  # some tokens leave slots empty
 
 
 def test_registry_refuses_a_different_object_under_a_taken_name():

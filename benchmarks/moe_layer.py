@@ -16,7 +16,9 @@ parameters and the input): ``cpu ms`` is the process CPU time, ``wall ms``
 the elapsed time, both the minimum over ``--reps`` round-robin repetitions
 after one warm-up (so a change of machine load hits every variant alike);
 tokens/s from wall time; the ratio is CPU time over the dense baseline's CPU
-time. Slow variants (one-hot, ragged_dot on CPU) are measured once.
+time; ``max load`` the busiest expert's assignments / mean (it sets the
+dropless einsum capacity). Slow variants (one-hot, ragged_dot, transformers'
+batched_mm on CPU) are measured once.
 """
 
 from __future__ import annotations
@@ -57,19 +59,21 @@ def _measure(step) -> tuple[float, float]:
 
 
 def moejax_step(x_BxTxD, mlp_type: str, cfg):
-  """A compiled fwd+bwd step of one moejax MLP layer."""
+  """A compiled fwd+bwd step of one moejax MLP layer, and its busiest expert's load / mean."""
   layer = MLP.get(mlp_type)(cfg=cfg)
-  ids = jnp.zeros(x_BxTxD.shape[:2], jnp.int32)
-  params = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), x_BxTxD, ids))["params"]
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, x_BxTxD.shape[:2]), jnp.int32)
+  variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), x_BxTxD, ids))
+  state = {k: v for k, v in variables.items() if k in ("hash_table", "router_bias")}
 
-  @jax.jit
-  def grads(params, x):
-    def loss(params, x):
-      y = layer.apply({"params": params}, x, ids, mutable=["metrics", "aux_loss", "stats"])[0]
-      return jnp.sum(jnp.square(y))
-    return jax.grad(loss, argnums=(0, 1))(params, x)
+  def loss(params, x, state, ids):  # everything an argument: no routing folded into constants
+    y, sown = layer.apply({"params": params, **state}, x, ids, mutable=["metrics", "aux_loss", "stats"])
+    return jnp.sum(jnp.square(y)), sown.get("metrics", {})
 
-  return lambda: jax.block_until_ready(grads(params, x_BxTxD))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  args = (variables["params"], x_BxTxD, state, ids)
+  metrics = grads(*args)[1]
+  busiest = float(metrics["load_max_over_mean"][0]) if metrics else None
+  return (lambda: jax.block_until_ready(grads(*args))), busiest
 
 
 def transformers_step(args, x_BxTxD, model: str, implementation: str):
@@ -128,6 +132,10 @@ def main():
       if getattr(backend, dispatch) and not (args.skip_slow and any(n in name for n in slow)):
         variants.append((f"moejax {dispatch}, backend={name}", "moejax",
                          ("moe", _model_cfg(args, dispatch=dispatch, backend=name))))
+  # The learned router at init is somewhat unbalanced; random hash routing shows
+  # a balanced load (what the aux-free bias or a balance loss aims for).
+  variants.append(("moejax dropless, backend=einsum, hash routing", "moejax",
+                   ("hash_moe", _model_cfg(args, backend="einsum"))))
   with contextlib.suppress(ImportError):
     import torch
     import transformers  # noqa: F401
@@ -138,10 +146,13 @@ def main():
           continue
         variants.append((f"transformers {model} MoE, experts={implementation}", "torch", (model, implementation)))
 
-  steps, times = {}, {}
+  steps, times, busiest = {}, {}, {}
   for label, kind, spec in variants:
     try:
-      steps[label] = moejax_step(x, *spec) if kind == "moejax" else transformers_step(args, x, *spec)
+      if kind == "moejax":
+        steps[label], busiest[label] = moejax_step(x, *spec)
+      else:
+        steps[label] = transformers_step(args, x, *spec)
       steps[label]()  # compile / warm up
     except Exception as err:  # e.g. an experts implementation that does not run on this platform
       print(f"{label}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
@@ -152,11 +163,13 @@ def main():
       if rep == 0 or not any(s in label for s in SLOW_ON_CPU) or platform != "cpu":
         times.setdefault(label, []).append(_measure(step))
 
-  print(f"{'variant':<58}{'cpu ms':>10}{'wall ms':>10}{'tokens/s':>11}{'cpu ratio':>11}")
+  print(f"{'variant':<58}{'cpu ms':>10}{'wall ms':>10}{'tokens/s':>11}{'cpu ratio':>11}{'max load':>10}")
   base = min(c for c, _ in times[BASELINE])
   for label, samples in times.items():
     cpu, wall = min(c for c, _ in samples), min(w for _, w in samples)
-    print(f"{label:<58}{cpu * 1e3:>10.1f}{wall * 1e3:>10.1f}{args.tokens / wall:>11,.0f}{cpu / base:>11.2f}")
+    load = f"{busiest[label]:.2f}" if busiest.get(label) else "-"
+    print(f"{label:<58}{cpu * 1e3:>10.1f}{wall * 1e3:>10.1f}{args.tokens / wall:>11,.0f}{cpu / base:>11.2f}"
+          f"{load:>10}")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def plot(records: dict[str, list[dict]], out: str) -> None:
 
 
 def summary(records: dict[str, list[dict]]) -> str:
-  lines = ["| run | step | train loss | eval loss | max/mean load (layers 1-3) | min/mean load | experts < 1% of mean |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| run | step | train loss | eval loss | max/mean load (layers 1-3) | min/mean load "
+           "| experts < 1% of mean |", "|---|---|---|---|---|---|---|"]
   for variant, recs in records.items():
     last = [r for r in recs if "layer_1/mlp/expert_load" in r][-1]
     evals = [r for r in recs if "eval_loss" in r]

@@ -103,9 +103,9 @@ class MoE(nn.Module):
     b, t, _ = expert_BxTxK.shape
     counts_BxE = expert_counts(expert_BxTxK, moe.num_experts)
     probs_BxTxE = aux.probs_NxE.reshape(b, t, -1)
-    counts_E = jnp.sum(counts_BxE, 0)
+    counts_E, probs_E = jnp.sum(counts_BxE, 0), jnp.mean(probs_BxTxE, (0, 1))
     losses = {
-        "load_balance_loss": (moe.load_balance_weight, balance_loss(counts_E[None], jnp.mean(probs_BxTxE, (0, 1))[None])),
+        "load_balance_loss": (moe.load_balance_weight, balance_loss(counts_E[None], probs_E[None])),
         "seq_balance_loss": (moe.seq_balance_weight, balance_loss(counts_BxE, jnp.mean(probs_BxTxE, 1))),
         "z_loss": (moe.z_loss_weight, router_z_loss(aux.logits_NxE)),
     }

@@ -27,7 +27,7 @@ Backends (``BACKENDS``; ``auto`` picks per platform, see ``resolve_backend``):
   ``all_to_all``.
 * ``ragged_dot``: sort, ``jax.lax.ragged_dot`` per projection, unsort;
   dropless, no padding. Native on TPU; dense-materialized on GPU (jax 0.10)
-  and ~100x a dense matmul on CPU, so it is the default only on TPU.
+  and tens of times a dense matmul on CPU, so it is the default only on TPU.
 * ``onehot``: the GShard formulation with ``[N, E, C]`` one-hot
   dispatch/combine tensors; capacity mode only; kept as the naive baseline.
 
@@ -54,7 +54,7 @@ from moejax.registry import Registry
 
 # Dropless ``einsum`` capacities, as multiples of the mean load N * top_k / E
 # (rounded up to 8 rows); the number of tokens N always closes the ladder.
-DROPLESS_LADDER = (1.0, 1.125, 1.25, 1.375, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
+DROPLESS_LADDER = (1.0, 1.125, 1.25, 1.375, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 16.0)
 TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
 
 
@@ -325,10 +325,11 @@ BACKENDS.register("onehot")(Backend(_onehot_dispatch, dropless=False, capacity=T
 def dispatch(x_BxTxD, expert_BxTxK, weight_BxTxK, w: ExpertWeights, spec: DispatchSpec):
   """Routed-expert outputs ``y_BxTxD`` and the number of dropped assignments.
 
-  Without a mesh (or on one device) the backend runs directly. Under a mesh
-  it runs per device in ``jax.shard_map`` on that device's tokens (batch
-  over data/fsdp/expert, length over context), with the experts split over
-  ``expert``; so capacity is per device-local token group (as in GShard).
+  Without a mesh (or when no token axis is split) the backend runs directly.
+  Under a mesh it runs per device in ``jax.shard_map`` on that device's
+  tokens (batch over data/fsdp/expert, length over context), with the
+  experts split over ``expert``; so capacity is per device-local token group
+  (as in GShard). Mesh axes other than moejax's count as size 1.
   """
   backend = BACKENDS.get(spec.backend)
   mesh = jax.sharding.get_abstract_mesh()
@@ -341,17 +342,16 @@ def dispatch(x_BxTxD, expert_BxTxK, weight_BxTxK, w: ExpertWeights, spec: Dispat
                                 ep_size)
     return y_NxD.reshape(b, t, d), dropped
 
-  if mesh.empty or mesh.size == 1:
-    return local(x_BxTxD, expert_BxTxK, weight_BxTxK, w)
-  ep_size = mesh.shape["expert"]
-  token_axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1)
+  size = {a: mesh.shape.get(a, 1) for a in (*TOKEN_AXES, "context")} if not mesh.empty else {}
+  token_axes = tuple(a for a in TOKEN_AXES if size.get(a, 1) > 1)
+  context = "context" if size.get("context", 1) > 1 else None
   b, t, _ = x_BxTxD.shape
-  if b % math.prod(mesh.shape[a] for a in token_axes) or t % mesh.shape["context"]:
-    # A batch the mesh cannot split (e.g. the one-row dummy of model.init): no
-    # per-device dispatch; the compiler partitions the plain computation.
+  if not (token_axes or context) or b % math.prod(size[a] for a in token_axes) or t % size.get("context", 1):
+    # No mesh, or a batch the mesh cannot split (e.g. the one-row dummy of
+    # model.init): the plain computation, partitioned by the compiler.
     return local(x_BxTxD, expert_BxTxK, weight_BxTxK, w)
-  summed_axes = token_axes + (("context",) if mesh.shape["context"] > 1 else ())
-
+  ep_size = size["expert"]
+  summed_axes = token_axes + ((context,) if context else ())
   replicated_axes = tuple(a for a in summed_axes if a != "expert")  # same experts, different tokens
 
   def per_device(x_BxTxD, expert_BxTxK, weight_BxTxK, w):
@@ -362,7 +362,7 @@ def dispatch(x_BxTxD, expert_BxTxK, weight_BxTxK, w: ExpertWeights, spec: Dispat
     y, dropped = local(x_BxTxD, expert_BxTxK, weight_BxTxK, w, ep_size)
     return y, jax.lax.psum(dropped, summed_axes) if summed_axes else dropped
 
-  tok = P(token_axes or None, "context" if mesh.shape["context"] > 1 else None)
+  tok = P(token_axes or None, context)
   wspec = P("expert" if ep_size > 1 else None)
   return jax.shard_map(per_device, in_specs=(tok, tok, tok, ExpertWeights(wspec, wspec, wspec)),
                        out_specs=(tok, P()))(x_BxTxD, expert_BxTxK, weight_BxTxK, w)

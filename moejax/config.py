@@ -19,6 +19,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 NONFINITE_POLICIES = ("skip", "stop", "rollback")
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
+SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
+DISPATCH_MODES = ("dropless", "capacity")
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,30 @@ def base_config() -> ml_collections.ConfigDict:
       loss_weight=0.3,         # lambda: the objective adds lambda / depth * sum_k CE_k
       attention_type="dense",  # the attention / MLP type of each module's block
       mlp_type="dense",
+  ))
+  # Sparse MoE layers (mlp_types "moe" / "hash_moe"; see moejax/layers/moe.py).
+  # Unused by dense layers. Defaults: softmax top-2 of 8 experts, dropless.
+  c.model.moe = ml_collections.ConfigDict(dict(
+      num_experts=8,
+      top_k=2,                 # experts per token
+      expert_ffn_dim=128,      # F of each routed expert (DeepSeek: moe_intermediate_size)
+      num_shared=0,            # shared experts: one SwiGLU of width num_shared * expert_ffn_dim
+      router="topk",           # see moejax/layers/routers.py: topk | expert_choice | hash | yours
+      score="softmax",         # softmax | sigmoid | sqrtsoftplus (scores the top-k weights come from)
+      renormalize=False,       # divide each token's top-k weights by their sum
+      routed_scale=1.0,        # multiply the routed weights (DeepSeek routed_scaling_factor)
+      num_groups=1,            # group-limited routing: experts in num_groups groups, ...
+      topk_groups=1,           # ... each token picks its experts inside its topk_groups best groups
+      score_bias=False,        # aux-loss-free balancing: a bias on the scores for selection only
+      bias_update_rate=1e-3,   # its step after each train step (sign rule); 0 = frozen
+      load_balance_weight=0.0, # Switch load-balance loss
+      seq_balance_weight=0.0,  # DeepSeek-V3 sequence-wise balance loss
+      z_loss_weight=0.0,       # router z-loss
+      dispatch="dropless",     # dropless | capacity (drops what does not fit)
+      capacity_factor=1.25,    # capacity dispatch and expert_choice: C = ceil(cf * N * top_k / E)
+      backend="auto",          # auto | einsum | ragged_dot | onehot (moejax/layers/moe_dispatch.py)
+      swiglu_limit=0.0,        # > 0: clamp expert pre-activations (DeepSeek-V4: 10)
+      collapse_steps=100,      # warn when an expert gets ~no tokens this many steps in a row; 0: never
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -160,6 +186,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   from moejax.data import SOURCES, tokenizer_vocab_size
   from moejax.layers.attention import ATTENTION
   from moejax.layers.mlp import MLP
+  from moejax.layers.moe import MoE
   from moejax.optim import OPTIMIZERS, SCHEDULES
 
   e: list[str] = []
@@ -189,6 +216,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _check(e, m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {REMAT_POLICIES}.")
   _check(e, m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0.")
   _validate_hc_and_mtp(e, m, d.seq_len, ATTENTION, MLP)
+  mlp_entries = set(expand_schedule(m.mlp_types, max(m.num_layers, 1))) | ({m.mtp.mlp_type} if m.mtp.depth else set())
+  if any(isinstance(MLP.get(name), type) and issubclass(MLP.get(name), MoE) for name in mlp_entries & set(MLP.names())):
+    _validate_moe(m, cfg.mesh, e)
 
   _check(e, d.source in SOURCES, f"data.source={d.source!r} is unknown; known: {', '.join(SOURCES.names())}.")
   _check(e, d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2.")
@@ -260,11 +290,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
              "make them multiply to the device count, or set one axis to -1.")
     shape = mesh_shape(cfg.mesh, num_devices) if not e else None
     if shape:
-      batch_shards = shape["data"] * shape["fsdp"]
+      batch_shards = shape["data"] * shape["fsdp"] * shape["expert"]
       micro = t.batch_size // max(t.grad_accum_steps, 1)
       _check(e, micro % batch_shards == 0,
              f"train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} = {micro} "
-             f"sequences per micro-batch must divide over mesh.data*mesh.fsdp={batch_shards} devices.")
+             f"sequences per micro-batch must divide over mesh.data*mesh.fsdp*mesh.expert={batch_shards} devices.")
       _check(e, d.seq_len % shape["context"] == 0,
              f"data.seq_len={d.seq_len} must divide over mesh.context={shape['context']}.")
 
@@ -287,6 +317,64 @@ def _validate_hc_and_mtp(e: list[str], m: ml_collections.ConfigDict, seq_len: in
   for field, registry in (("attention_type", attention), ("mlp_type", mlp)):
     _check(e, mtp[field] in registry, f"model.mtp.{field}: unknown {registry.kind} {mtp[field]!r}; "
                                       f"known: {', '.join(registry.names())}.")
+
+
+def _validate_moe(m: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict, e: list[str]) -> None:
+  """Checks ``model.moe`` (called when a layer is an MoE type)."""
+  from moejax.layers.moe_dispatch import BACKENDS
+  from moejax.layers.routers import ROUTERS
+
+  moe = m.moe
+  for field in ("num_experts", "top_k", "expert_ffn_dim", "num_groups", "topk_groups"):
+    _check(e, moe[field] >= 1, f"model.moe.{field}={moe[field]} must be >= 1.")
+  _check(e, moe.num_shared >= 0, f"model.moe.num_shared={moe.num_shared} must be >= 0.")
+  _check(e, moe.top_k <= moe.num_experts,
+         f"model.moe.top_k={moe.top_k} exceeds model.moe.num_experts={moe.num_experts}; lower top_k or add experts.")
+  _check(e, moe.score in SCORES, f"model.moe.score={moe.score!r} is not one of {SCORES}.")
+  _check(e, moe.dispatch in DISPATCH_MODES, f"model.moe.dispatch={moe.dispatch!r} is not one of {DISPATCH_MODES}.")
+  _check(e, moe.capacity_factor > 0, f"model.moe.capacity_factor={moe.capacity_factor} must be > 0.")
+  _check(e, moe.routed_scale > 0, f"model.moe.routed_scale={moe.routed_scale} must be > 0.")
+  _check(e, moe.swiglu_limit >= 0, f"model.moe.swiglu_limit={moe.swiglu_limit} must be >= 0 (0 disables).")
+  _check(e, moe.collapse_steps >= 0, f"model.moe.collapse_steps={moe.collapse_steps} must be >= 0 (0 disables).")
+  _check(e, moe.bias_update_rate >= 0, f"model.moe.bias_update_rate={moe.bias_update_rate} must be >= 0.")
+  for field in ("load_balance_weight", "seq_balance_weight", "z_loss_weight"):
+    _check(e, moe[field] >= 0, f"model.moe.{field}={moe[field]} must be >= 0 (0 disables).")
+
+  router = ROUTERS.get(moe.router) if moe.router in ROUTERS else None
+  _check(e, router is not None, f"model.moe.router={moe.router!r} is unknown; known: {', '.join(ROUTERS.names())} "
+         "(register yours with @ROUTERS.register and import it from your config file).")
+  if router is not None:
+    _check(e, not moe.score_bias or getattr(router, "supports_bias", False),
+           f"model.moe.score_bias=True but router {moe.router!r} has no selection bias; use router='topk' "
+           "or set score_bias=False.")
+    _check(e, moe.num_groups == 1 or getattr(router, "supports_groups", False),
+           f"model.moe.num_groups={moe.num_groups} but router {moe.router!r} does not limit groups; use "
+           "router='topk' or num_groups=1.")
+  if moe.num_groups >= 1 and moe.num_experts % moe.num_groups == 0 and moe.num_groups > 1:
+    per_group = moe.num_experts // moe.num_groups
+    _check(e, moe.topk_groups <= moe.num_groups,
+           f"model.moe.topk_groups={moe.topk_groups} exceeds model.moe.num_groups={moe.num_groups}.")
+    _check(e, moe.top_k <= moe.topk_groups * per_group,
+           f"model.moe.top_k={moe.top_k} exceeds the {moe.topk_groups * per_group} experts in topk_groups="
+           f"{moe.topk_groups} groups of {per_group}; raise topk_groups or lower top_k.")
+  elif moe.num_groups > 1:
+    e.append(f"model.moe.num_groups={moe.num_groups} does not divide model.moe.num_experts={moe.num_experts}; "
+             "pick a divisor.")
+
+  if moe.backend != "auto" and moe.backend not in BACKENDS:
+    e.append(f"model.moe.backend={moe.backend!r} is unknown; known: auto, {', '.join(BACKENDS.names())}.")
+  elif moe.backend != "auto" and moe.dispatch in DISPATCH_MODES:
+    backend = BACKENDS.get(moe.backend)
+    _check(e, getattr(backend, moe.dispatch),
+           f"model.moe.backend={moe.backend!r} does not support dispatch={moe.dispatch!r}; use backend='einsum' "
+           "(supports both) or 'auto'.")
+    _check(e, mesh.expert == 1 or backend.expert_parallel,
+           f"model.moe.backend={moe.backend!r} does not support expert parallelism (mesh.expert={mesh.expert}); "
+           "use backend='einsum' or 'auto'.")
+  if mesh.expert != -1 and mesh.expert > 1:
+    _check(e, moe.num_experts % mesh.expert == 0,
+           f"mesh.expert={mesh.expert} does not divide model.moe.num_experts={moe.num_experts}; experts are split "
+           "evenly over the expert axis.")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

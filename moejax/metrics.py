@@ -1,7 +1,8 @@
 """Where training metrics go: ``metrics.jsonl``, TensorBoard and a progress bar.
 
 ``metrics.jsonl`` holds one JSON object per logged step with at least ``step``
-and ``loss``; scripts depend on those names. On resume, records past the
+and ``loss``; scripts depend on those names. Vector metrics (per-expert
+loads) are lists there and histograms in TensorBoard. On resume, records past the
 restored step are dropped (from the JSONL and, via ``purge_step``, from
 TensorBoard) so the files read as one uninterrupted run.
 """
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
@@ -33,6 +35,12 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
   with open(tmp, "w") as f:
     f.writelines(records)
   os.replace(tmp, path)
+
+
+def _jsonable(value) -> float | list[float]:
+  """A scalar as float; a vector (e.g. per-expert load) as a list of 5-digit floats."""
+  array = np.asarray(value, np.float64)
+  return float(array) if array.ndim == 0 else [float(f"{x:.5g}") for x in array.ravel()]
 
 
 class MetricsWriter:
@@ -55,11 +63,16 @@ class MetricsWriter:
     if step > last_step:
       metrics = dict(metrics, tokens_per_s=(step - last_step) * self._tokens_per_step / (now - last_time))
     self._last = (step, now)
-    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     for k, v in record.items():
-      if k != "step" and math.isfinite(v):
+      if k == "step":
+        continue
+      if isinstance(v, list):  # a per-item vector, e.g. expert loads
+        if all(math.isfinite(x) for x in v):
+          self._tb.add_histogram(k, np.asarray(v), step)
+      elif math.isfinite(v):
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
     self._progress(step, record)

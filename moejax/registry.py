@@ -33,7 +33,7 @@ class Registry(Generic[T]):
     """Decorator: ``@REGISTRY.register("name")`` adds the decorated object."""
 
     def add(obj: T) -> T:
-      if name in self._entries and self._entries[name] is not obj:
+      if name in self._entries and not _same_definition(self._entries[name], obj):
         raise ValueError(f"{self.kind} {name!r} is already registered "
                          f"({self._entries[name]!r}); pick another name.")
       self._entries[name] = obj
@@ -53,3 +53,12 @@ class Registry(Generic[T]):
 
   def __contains__(self, name: Any) -> bool:
     return name in self._entries
+
+
+def _same_definition(old: Any, new: Any) -> bool:
+  """The same object, or the same definition executed again (a notebook cell
+  or a config file that defines a router, run twice): the new one replaces it."""
+  if old is new:
+    return True
+  key = lambda o: (getattr(o, "__module__", None), getattr(o, "__qualname__", None))
+  return key(old)[1] is not None and key(old) == key(new)

@@ -20,10 +20,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moejax.config import MESH_AXES, mesh_shape
 
 # Logical name -> mesh axis (or axes). Parameter names shard over fsdp/tensor/
-# expert; activation names (act_*) over data/fsdp for the batch, context for
-# the sequence and tensor for heads/ffn/vocab.
+# expert; activation names (act_*) over data/fsdp/expert for the batch,
+# context for the sequence and tensor for heads/ffn/vocab.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp", "expert")),
     ("act_length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -41,7 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
 )
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")  # outside MoE layers the expert axis is one more data axis
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -73,7 +73,7 @@ def logical_sharding(mesh: Mesh, boxed_tree):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[B, T, ...] arrays: B over (data, fsdp), T over context."""
+  """[B, T, ...] arrays: B over (data, fsdp, expert), T over context."""
   return NamedSharding(mesh, P(BATCH_AXES, "context"))
 
 

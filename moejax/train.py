@@ -26,6 +26,7 @@ import optax
 from moejax import config as config_lib
 from moejax.checkpoint import Checkpointer, abstract_like
 from moejax.data import ShardedBatches
+from moejax.layers.moe import EXPERT_LOAD_METRIC
 from moejax.losses import chunked_token_stats
 from moejax.metrics import MetricsWriter
 from moejax.models import build_model
@@ -80,11 +81,15 @@ def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: in
 
 
 def _flat_metrics(tree) -> dict[str, jax.Array]:
-  """{"layer_1/mlp/load_max": scalar, ...} from a sown ``metrics`` tree."""
+  """{"layer_1/mlp/load_max_over_mean": scalar, ...} from a sown ``metrics`` tree.
+
+  Vectors stay vectors (e.g. ``layer_1/mlp/expert_load`` [E]); anything else is averaged.
+  """
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-    flat[name] = jnp.mean(leaf.astype(jnp.float32))
+    leaf = leaf.astype(jnp.float32)
+    flat[name] = leaf if leaf.ndim == 1 else jnp.mean(leaf)
   return flat
 
 
@@ -268,6 +273,38 @@ class Experiment:
             **{f"eval_mtp_loss_{k + 1}": float(v) for k, v in enumerate(mtp_loss_K)}}
 
 
+class ExpertCollapseWatch:
+  """Warns when an MoE expert receives almost no tokens for many steps in a row.
+
+  Reads the per-layer ``.../expert_load`` metrics (assignments per expert /
+  mean, see ``moejax/layers/moe.py``); an expert below ``THRESHOLD`` for
+  ``patience`` consecutive steps is reported once (again if it recovers and
+  collapses anew). ``patience`` is ``model.moe.collapse_steps`` (0: never).
+  """
+
+  THRESHOLD = 0.01
+
+  def __init__(self, patience: int):
+    self.patience = patience
+    self.streaks: dict[str, np.ndarray] = {}
+
+  def update(self, step: int, metrics: dict) -> list[str]:
+    """Counts this step's loads; logs and returns the new warnings."""
+    loads = {k: v for k, v in metrics.items() if k.endswith("/" + EXPERT_LOAD_METRIC)} if self.patience else {}
+    warnings = []
+    for name, load in jax.device_get(loads).items():
+      streak = np.where(np.asarray(load) < self.THRESHOLD, self.streaks.get(name, 0) + 1, 0)
+      self.streaks[name] = streak
+      for expert in np.flatnonzero(streak == self.patience):
+        warnings.append(
+            f"step {step}: {name.rsplit('/', 1)[0]} expert {expert} has received under {self.THRESHOLD:.0%} of the "
+            f"mean load for {self.patience} steps in a row (collapsed). Balance the router: "
+            "model.moe.score_bias=True (aux-loss-free bias) or a larger bias_update_rate / load_balance_weight.")
+    for message in warnings:
+      log.warning(message)
+    return warnings
+
+
 class NonFiniteError(RuntimeError):
   """Training produced NaN/Inf values and the config's policy says stop."""
 
@@ -333,6 +370,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainSt
   writer = MetricsWriter(workdir, start, t.steps, t.batch_size * cfg.data.seq_len) if primary else None
   nan_steps = _injected_nan_steps()
   bad_in_a_row = 0
+  collapse_watch = ExpertCollapseWatch(cfg.model.moe.collapse_steps)
 
   try:
     with StopRequests(ckpt) as stop:
@@ -344,6 +382,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainSt
         bad_in_a_row = 0 if bool(metrics["finite"]) else bad_in_a_row + 1
         if bad_in_a_row:
           state, bad_in_a_row = _handle_nonfinite(exp, ckpt, state, step, metrics, bad_in_a_row)
+        collapse_watch.update(step, metrics)
         evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
         eval_metrics = exp.evaluate(state, t.eval_batches) if evaluating else {}
         if writer and (step % t.log_every == 0 or step == t.steps or evaluating):

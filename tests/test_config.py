@@ -42,7 +42,8 @@ def _cfg(**fields):
     ({"mesh__fsdp": 3}, 8, "mesh: fixed axes multiply to 3, which does not divide the 8 devices"),
     ({"mesh__data": 2, "mesh__fsdp": 2}, 8, "multiply to 4 but there are 8 devices"),
     ({"mesh__data": -1, "mesh__fsdp": -1}, 8, "at most one axis may be -1"),
-    ({"mesh__data": 1, "mesh__fsdp": 8, "train__batch_size": 4}, 8, "must divide over mesh.data*mesh.fsdp=8"),
+    ({"mesh__data": 1, "mesh__fsdp": 8, "train__batch_size": 4}, 8,
+     "must divide over mesh.data*mesh.fsdp*mesh.expert=8"),
 ])
 def test_invalid_configs_name_the_field_and_fix(fields, num_devices, message):
   with pytest.raises(ConfigError) as err:
@@ -58,6 +59,45 @@ def test_all_problems_are_reported_at_once():
 
 @pytest.mark.parametrize("spec", ["configs/tiny.py", "configs/tiny.py:copy", "configs/tiny.py:passkey",
                                   "configs/tiny.py:mqar", "configs/small.py",
-                                  "configs/tiny_mhc_mtp.py", "configs/tiny_mhc_mtp.py:copy"])
+                                  "configs/tiny_mhc_mtp.py", "configs/tiny_mhc_mtp.py:copy", "configs/tiny_moe.py",
+                                  "configs/tiny_moe.py:v4", "configs/tiny_moe.py:qwen3", "configs/tiny_moe.py:mixtral",
+                                  "configs/tiny_moe.py:expert_choice", "configs/tiny_moe.py:no_bias"])
 def test_shipped_configs_are_valid(spec):
   validate(load_config(spec), num_devices=8)
+
+
+def _moe_cfg(mesh=None, **moe):
+  cfg = base_config()
+  cfg.model.mlp_types = ("dense", "moe", "moe", "hash_moe")
+  cfg.model.moe.update(moe)
+  if mesh:
+    cfg.mesh.update(mesh)
+  return cfg
+
+
+@pytest.mark.parametrize("moe,mesh,message", [
+    (dict(top_k=9), None, "model.moe.top_k=9 exceeds model.moe.num_experts=8"),
+    (dict(num_groups=3), None, "model.moe.num_groups=3 does not divide model.moe.num_experts=8"),
+    (dict(num_groups=4, topk_groups=1, top_k=3), None, "model.moe.top_k=3 exceeds the 2 experts in topk_groups=1"),
+    (dict(router="switch"), None, "model.moe.router='switch' is unknown; known: expert_choice, hash, topk"),
+    (dict(router="expert_choice", score_bias=True), None, "router 'expert_choice' has no selection bias"),
+    (dict(score="relu"), None, "model.moe.score='relu' is not one of"),
+    (dict(dispatch="greedy"), None, "model.moe.dispatch='greedy' is not one of"),
+    (dict(backend="megablox"), None, "model.moe.backend='megablox' is unknown; known: auto, einsum, onehot, ragged_dot"),
+    (dict(backend="onehot"), None, "backend='onehot' does not support dispatch='dropless'"),
+    (dict(backend="ragged_dot", dispatch="capacity"), None, "backend='ragged_dot' does not support dispatch='capacity'"),
+    (dict(backend="ragged_dot"), dict(data=4, expert=2), "does not support expert parallelism (mesh.expert=2)"),
+    (dict(num_experts=6, top_k=2), dict(data=2, expert=4), "mesh.expert=4 does not divide model.moe.num_experts=6"),
+    (dict(swiglu_limit=-1.0), None, "model.moe.swiglu_limit=-1.0 must be >= 0"),
+    (dict(capacity_factor=0.0), None, "model.moe.capacity_factor=0.0 must be > 0"),
+])
+def test_invalid_moe_configs_name_the_field_and_fix(moe, mesh, message):
+  with pytest.raises(ConfigError) as err:
+    validate(_moe_cfg(mesh, **moe), num_devices=8)
+  assert message in str(err.value)
+
+
+def test_moe_section_is_ignored_by_dense_models():
+  cfg = base_config()
+  cfg.model.moe.top_k = 99
+  validate(cfg, num_devices=1)

@@ -104,3 +104,15 @@ def test_loss_falls_on_embedded_sources(tmp_path, devices, source, steps, ratio)
   train(cfg, str(tmp_path), devices[:1])
   losses = [r["loss"] for r in _jsonl(tmp_path / "metrics.jsonl")]
   assert losses[-1] < ratio * losses[0], losses
+
+
+def test_expert_collapse_warning_fires_once_per_collapse():
+  from moejax.train import ExpertCollapseWatch
+
+  watch = ExpertCollapseWatch(patience=3)
+  healthy, starved = np.array([1.0, 1.0, 1.0, 1.0]), np.array([1.5, 0.0, 1.5, 1.0])
+  loads = [starved] * 4 + [healthy] + [starved] * 3
+  fired = [watch.update(step, {"layer_1/mlp/expert_load": load, "loss": 1.0}) for step, load in enumerate(loads, 1)]
+  assert [len(w) for w in fired] == [0, 0, 1, 0, 0, 0, 0, 1]
+  assert "layer_1/mlp expert 1" in fired[2][0] and "model.moe.score_bias" in fired[2][0]
+  assert ExpertCollapseWatch(patience=0).update(1, {"layer_1/mlp/expert_load": starved}) == []

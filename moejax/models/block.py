@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from moejax.layers import DTYPES
+from moejax.layers import moe as _moe  # noqa: F401  (registers the moe / hash_moe MLP types)
 from moejax.layers.attention import ATTENTION
 from moejax.layers.hyper import HyperConnection, mix_streams
 from moejax.layers.mlp import MLP

@@ -72,3 +72,17 @@ def test_remat_policies_change_nothing_numerically(policy):
 def test_per_layer_schedule_builds_one_block_per_entry():
   model, variables = _model_and_vars(num_layers=3, attention_types=("dense", "dense", "dense"))
   assert sorted(k for k in variables["params"] if k.startswith("layer_")) == ["layer_0", "layer_1", "layer_2"]
+
+
+def test_moe_layers_in_the_schedule_keep_the_model_causal():
+  """Dropless token-choice routing is per token, so MoE layers (hash included) keep causality."""
+  model, variables = _model_and_vars(mlp_types=("hash_moe", "moe"))
+  assert "w_gate" in variables["params"]["layer_1"]["mlp"] and "hash_table" in variables
+  apply = jax.jit(model.apply)
+  tokens = np.random.default_rng(3).integers(0, 64, size=(2, 12))
+  base = apply(variables, tokens)
+  changed = tokens.copy()
+  changed[:, 8] = (changed[:, 8] + 1) % 64
+  out = apply(variables, changed)
+  np.testing.assert_array_equal(np.asarray(out[:, :8]), np.asarray(base[:, :8]))
+  assert not np.allclose(out[:, 8], base[:, 8])

@@ -46,8 +46,8 @@ def visible(q_idx_Q, k_idx_S, q_seg_BxQ, k_seg_BxS, window: int = 0):
 
 
 def chunk_rows(chunk: int, columns: int) -> int:
-  """Query rows per chunk so that rows x columns scores fit ``SCORE_BUDGET``."""
-  return int(max(8, min(chunk, SCORE_BUDGET // max(columns, 1))))
+  """Query rows per chunk: ``chunk``, fewer if rows x columns scores exceed ``SCORE_BUDGET`` (>= 8)."""
+  return int(min(chunk, max(8, SCORE_BUDGET // max(columns, 1))))
 
 
 def _pad_axis1(x, size: int, value=0):

@@ -48,6 +48,11 @@ def _init(attn, x, positions=POSITIONS, segments=SEGMENTS, scale=1.0):
   return jax.tree_util.tree_map_with_path(perturb, variables)
 
 
+def jitted_apply(attn, mutable=(), **kwargs):
+  """One compiled ``attn.apply(variables, x, positions, segments)`` for repeated calls."""
+  return jax.jit(lambda v, x, pos, seg: attn.apply(v, x, pos, seg, mutable=list(mutable) or False, **kwargs))
+
+
 def yarn_inv_freq(dim, theta, factor, original, beta_fast, beta_slow):
   """YaRN (Peng et al., 2023, eq. 17-19) with DeepSeek's truncated correction range."""
   corr = lambda rotations: dim * np.log(original / (rotations * 2 * np.pi)) / (2 * np.log(theta))

@@ -102,9 +102,7 @@ def reference_v4(x, p, cfg, kind):
 
 
 @pytest.mark.parametrize("kind,options", [
-    ("swa", {}),
     ("swa", {"rope_layout": "interleave", "rope_dim": 0, "window": 5}),
-    ("hca", {"rope_layout": "interleave"}),
     ("hca", {"hca_ratio": 3, "window": 1, "compress_rope_theta": 160000.0}),
     ("csa", {"rope_layout": "interleave"}),
     ("csa", {"indexer_stage": "warmup", "index_topk": 2}),

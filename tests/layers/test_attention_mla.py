@@ -146,12 +146,11 @@ def test_dsa_with_topk_covering_every_key_is_dense_mla():
   x = _inputs()
   variables = _init(dsa, x, scale=4.0)
   mla_params = {k: v for k, v in variables["params"].items() if k != "indexer"}
-  chex.assert_trees_all_close(dsa.apply(variables, x, POSITIONS, SEGMENTS),
-                              mla.apply({"params": mla_params}, x, POSITIONS, SEGMENTS), rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(jitted_apply(dsa)(variables, x, POSITIONS, SEGMENTS),
+                              jitted_apply(mla)({"params": mla_params}, x, POSITIONS, SEGMENTS), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention_type", ["dsa", "csa"])
-@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+@pytest.mark.parametrize("attention_type,stage", [("dsa", "warmup"), ("csa", "sparse")])
 def test_indexer_learns_only_from_its_kl(attention_type, stage):
   """The KL reaches only indexer parameters; the LM path never reaches them."""
   attn, _ = _layer(attention_type, indexer_stage=stage)
@@ -162,8 +161,8 @@ def test_indexer_learns_only_from_its_kl(attention_type, stage):
     y, sown = attn.apply({"params": params}, x, POSITIONS, SEGMENTS, mutable=["aux_loss"])
     return jnp.sum(y ** 2), sown["aux_loss"]["indexer_kl"][0]
 
-  g_main = jax.grad(lambda p: parts(p)[0])(variables["params"])
-  g_kl = jax.grad(lambda p: parts(p)[1])(variables["params"])
+  g_main, g_kl = jax.jit(lambda p: (jax.grad(lambda p: parts(p)[0])(p), jax.grad(lambda p: parts(p)[1])(p)))(
+      variables["params"])
   for name, sub in variables["params"].items():
     main_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_main[name]))
     kl_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(g_kl[name]))

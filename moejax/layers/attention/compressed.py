@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from moejax.layers.attention import ATTENTION, core, indexer, options
 from moejax.layers.norms import RMSNorm
@@ -91,9 +92,9 @@ def compress(module: nn.Module, x_BxTxD, positions_BxT, segment_ids_BxT, ratio: 
   weights = jax.nn.softmax(gate_BxNxMxC, axis=2).astype(kv_BxNxMxC.dtype)
   dtype, pdtype = options.dtypes(cfg)
   pooled_BxNxK = RMSNorm(cfg.norm_eps, dtype, pdtype, name="kv_norm")(jnp.sum(weights * kv_BxNxMxC, axis=2))
-  starts = jnp.arange(n) * ratio
+  starts = np.arange(n) * ratio  # static
   kv_BxNxK = apply_rope(pooled_BxNxK, positions_BxT[:, starts], rope)
-  first = jnp.maximum(starts - ratio, 0) if overlap else starts
+  first = np.maximum(starts - ratio, 0) if overlap else starts
   last = starts + ratio - 1
   seg_first, seg_last = segment_ids_BxT[:, first], segment_ids_BxT[:, last]
   return Entries(kv_BxNxK, last, jnp.where(seg_first == seg_last, seg_last, -1))

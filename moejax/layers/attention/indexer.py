@@ -36,7 +36,6 @@ import numpy as np
 from moejax.layers.attention import core, options
 from moejax.layers.rope import Rope, apply_rope
 
-STAGES = ("warmup", "sparse", "off")
 
 
 def indexer_queries(module: nn.Module, x_BxTxD, q_resid_BxTxRq, positions_BxT, rope: Rope):

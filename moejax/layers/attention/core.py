@@ -295,14 +295,16 @@ def map_query_chunks(fn: Callable, chunk: int, per_query, segment_ids_BxT):
   ``(rows, sums)``: a pytree of [B, chunk, ...] arrays, stitched back to
   [B, T, ...], and a pytree of scalars/arrays summed (max for names starting
   with ``max``) over chunks. Each chunk is rematerialised in the backward
-  pass, so memory is O(T) plus one chunk's intermediates.
+  pass, so memory is O(T) plus one chunk's intermediates; values tagged
+  ``checkpoint_name(x, "selection")`` (the indexer's top-k) are kept instead,
+  so the backward pass does not redo the selection.
   """
   t = segment_ids_BxT.shape[1]
   chunk = int(min(chunk, t))
   tp = -(-t // chunk) * chunk
   xs = jax.tree.map(lambda x: _blocks(_pad_axis1(x, tp), chunk), (per_query, segment_ids_BxT))
 
-  @jax.checkpoint
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("selection"))
   def step(_, x):
     i, (chunk_arrays, seg) = x
     return None, fn(i * chunk, chunk_arrays, seg)

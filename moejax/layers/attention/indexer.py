@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax.layers.attention import core, options
 from moejax.layers.rope import Rope, apply_rope
@@ -99,10 +100,12 @@ def gathered_scores(q_BxQxJxI, w_BxQxJ, k_BxQxSxI):
 def top_k(scores_BxQxS, valid_BxQxS, k: int):
   """The k best valid keys per query: (index_BxQxk, ok_BxQxk); ``ok`` is False where fewer exist.
 
-  Ties go to the lower key index (``lax.top_k``).
+  Ties go to the lower key index (``lax.top_k``). Tagged "selection" so that
+  rematerialised query chunks keep it (``core.map_query_chunks``).
   """
   _, idx = jax.lax.top_k(jnp.where(valid_BxQxS, scores_BxQxS, core.NEG), k)
-  return idx, jnp.take_along_axis(valid_BxQxS, idx, axis=-1)
+  ok = jnp.take_along_axis(valid_BxQxS, idx, axis=-1)
+  return checkpoint_name(idx, "selection"), checkpoint_name(ok, "selection")
 
 
 def gather(x_BxSx_, idx_BxQxk):

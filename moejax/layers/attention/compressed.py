@@ -232,7 +232,7 @@ class V4Attention(nn.Module):
         sums.update(indexer.kl_to_main(logits, lse_all, index, ok, seg_BxQ > 0))
       return (out.astype(q.dtype), lse), sums
 
-    rows = core.chunk_rows(a.chunk_size, n * (self.cfg.num_heads if dense else 1))
+    rows = core.chunk_rows(a.chunk_size, n * (self.cfg.num_heads if dense else 1))  # [rows, H or 1, N] scores
     compressed, sums = core.map_query_chunks(chunk, rows, (q_BxTxHxDh, window_lse_BxTxH, q_i, w_i),
                                              segment_ids_BxT)
     recall = None

@@ -236,8 +236,8 @@ def test_long_context_forward_and_backward_never_hold_a_t_by_t_buffer(attention_
   t = 8192
   x = jax.ShapeDtypeStruct((1, t, 32), jnp.float32)
   pos = seg = jax.ShapeDtypeStruct((1, t), jnp.int32)
-  params = jax.eval_shape(lambda: nn.meta.unbox(attn.init(jax.random.key(0), jnp.zeros((1, 16, 32)),
-                                                          jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16), jnp.int32))["params"]))
+  params = _init(attn, np.zeros((1, 16, 32), np.float32), np.zeros((1, 16), np.int32), np.ones((1, 16), np.int32))
+  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params["params"])
   loss = lambda p, x, pos, seg: jnp.sum(attn.apply({"params": p}, x, pos, seg, mutable=["aux_loss"])[0])
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, pos, seg).compile().as_text()
   assert _largest_buffer(hlo) < t * t // 8, _largest_buffer(hlo)

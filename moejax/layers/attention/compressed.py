@@ -172,7 +172,8 @@ class V4Attention(nn.Module):
   def output(self, out_BxTxHxDh, positions_BxT):
     """De-rotate the rope channels, then the grouped low-rank projection -> [B, T, D]."""
     b, t = positions_BxT.shape
-    out = apply_rope(out_BxTxHxDh, positions_BxT, self.rope, inverse=True).reshape(b, t, self.cfg.attention.o_groups, -1)
+    out = apply_rope(out_BxTxHxDh, positions_BxT, self.rope, inverse=True)
+    out = out.reshape(b, t, self.cfg.attention.o_groups, -1)
     return jnp.einsum("BTGR,GRD->BTD", jnp.einsum("BTGI,GIR->BTGR", out, self.w_o_a), self.w_o_b)
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):

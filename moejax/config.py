@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
       swiglu_limit=0.0,        # > 0: clamp expert pre-activations (DeepSeek-V4: 10)
       collapse_steps=100,      # warn when an expert gets ~no tokens this many steps in a row; 0: never
   ))
+  c.model.attention = attention_config()
 
   c.data = ml_collections.ConfigDict(dict(
       source="stdlib",         # stdlib | passkey | mqar | copy | files
@@ -145,6 +146,58 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})
   c.mesh.data = -1
   return c
+
+
+def yarn_config(factor: float = 1.0) -> ml_collections.ConfigDict:
+  """YaRN RoPE scaling (moejax/layers/rope.py:Yarn); factor 1 = off."""
+  return ml_collections.ConfigDict(dict(
+      factor=factor,             # context extension factor; <= 1 disables YaRN
+      original_max_len=4096,     # the pre-training context length
+      beta_fast=32.0,            # rotations above which frequencies are kept
+      beta_slow=1.0,             # rotations below which frequencies are divided by factor
+      mscale=0.0,                # with mscale_all_dim: cos/sin scale = mscale(f, mscale) / mscale(f, all_dim)
+      mscale_all_dim=0.0,        # != 0: softmax scale *= mscale(factor, mscale_all_dim)^2 (DeepSeek-V3 MLA)
+      attention_factor=0.0,      # cos/sin multiplier; 0 = derived (0.1 ln(factor) + 1); DeepSeek-V4 uses 1.0
+  ))
+
+
+def attention_config() -> ml_collections.ConfigDict:
+  """``model.attention``: options of the attention types (docs/attention.md)."""
+  return ml_collections.ConfigDict(dict(
+      # Kernel of the dense-type paths (dense, sliding, mla, swa): "xla" is
+      # jax.nn.dot_product_attention with a [T, T] mask (cuDNN/XLA fused), "chunked"
+      # the flash-style kernel (O(T * chunk_size) memory), "auto" xla up to xla_max_len.
+      implementation="auto",     # auto | xla | chunked
+      xla_max_len=2048,
+      chunk_size=512,            # block of the chunked kernel and query chunk of sparse types
+      window=128,                # sliding window (sliding, swa, csa, hca): t sees s iff t - window < s <= t
+      sinks=False,               # learned per-head sink logit (dense, sliding, mla, dsa; V4 types always)
+      rope_dim=0,                # rotated channels per head (0: all); dense/sliding: leading, V4: trailing
+      rope_layout="half",        # half (rotate-half pairs i, i+d/2) | interleave (pairs 2i, 2i+1)
+      qk_norm=False,             # dense/sliding: RMSNorm of each q and k head (Qwen3, OLMo-2)
+      track_max_logit=False,     # sow max pre-softmax logit per head into "max_stats" (QK-clip)
+      yarn=yarn_config(),        # YaRN of the main rope (model.rope_theta)
+      compress_rope_theta=0.0,   # csa/hca rope theta; 0: model.rope_theta (DeepSeek-V4: 160000)
+      compress_yarn=yarn_config(),  # YaRN of the csa/hca rope (DeepSeek-V4: factor 16, attention_factor 1)
+      # MLA / DSA (DeepSeek-V2/V3/V3.2)
+      q_lora_rank=0,             # low-rank query (0: plain projection); dsa, swa, csa, hca need > 0
+      kv_lora_rank=64,           # compressed kv latent width
+      qk_nope_head_dim=32,       # per-head query/key channels without rope
+      qk_rope_head_dim=16,       # decoupled rope channels (shared key part)
+      v_head_dim=32,
+      # Lightning indexer (dsa, csa)
+      index_heads=4,
+      index_head_dim=32,
+      index_topk=64,             # keys (dsa) / compressed entries (csa) kept per query
+      indexer_stage="sparse",    # warmup (dense attention, KL over all keys) | sparse | off (no loss)
+      indexer_loss_weight=1.0,   # KL weight in the aux loss
+      indexer_recall_queries=32,  # queries per layer and step for the recall metric (0: off)
+      # DeepSeek-V4 compressed attention (swa, csa, hca)
+      csa_ratio=4,               # tokens per compressed entry (csa, overlapping windows of 2x)
+      hca_ratio=128,             # tokens per compressed entry (hca)
+      o_groups=2,                # grouped low-rank output projection: head groups
+      o_lora_rank=64,            # ... and each group's rank
+  ))
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -219,6 +272,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   mlp_entries = set(expand_schedule(m.mlp_types, max(m.num_layers, 1))) | ({m.mtp.mlp_type} if m.mtp.depth else set())
   if any(isinstance(MLP.get(name), type) and issubclass(MLP.get(name), MoE) for name in mlp_entries & set(MLP.names())):
     _validate_moe(m, cfg.mesh, e)
+  _validate_attention(m, e)
 
   _check(e, d.source in SOURCES, f"data.source={d.source!r} is unknown; known: {', '.join(SOURCES.names())}.")
   _check(e, d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2.")
@@ -375,6 +429,80 @@ def _validate_moe(m: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict,
     _check(e, moe.num_experts % mesh.expert == 0,
            f"mesh.expert={mesh.expert} does not divide model.moe.num_experts={moe.num_experts}; experts are split "
            "evenly over the expert axis.")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked")
+INDEXER_STAGES = ("warmup", "sparse", "off")
+ROPE_LAYOUTS = ("half", "interleave")
+_WINDOWED = {"sliding", "swa", "csa", "hca"}
+_V4 = {"swa", "csa", "hca"}
+_MLA = {"mla", "dsa"}
+_INDEXED = {"dsa", "csa"}
+_QK_NORM = {"dense", "sliding"}
+
+
+def _validate_yarn(e: list[str], y, where: str) -> None:
+  _check(e, y.factor > 0, f"{where}.factor={y.factor} must be > 0 (<= 1 turns YaRN off).")
+  if y.factor <= 1:
+    return
+  _check(e, y.original_max_len >= 1, f"{where}.original_max_len={y.original_max_len} must be >= 1.")
+  _check(e, y.beta_fast > y.beta_slow > 0,
+         f"{where}: beta_fast={y.beta_fast} must exceed beta_slow={y.beta_slow} > 0 (defaults 32 and 1).")
+  for f in ("mscale", "mscale_all_dim", "attention_factor"):
+    _check(e, y[f] >= 0, f"{where}.{f}={y[f]} must be >= 0 (0: unused / derived).")
+
+
+def _validate_attention(m: ml_collections.ConfigDict, e: list[str]) -> None:
+  """``model.attention``: only the fields the scheduled attention types read."""
+  a, w = m.attention, "model.attention"
+  types = set(expand_schedule(m.attention_types, max(m.num_layers, 1)))
+  head = m.head_dim or (m.d_model // m.num_heads if m.num_heads >= 1 else 0)
+  _check(e, a.implementation in ATTENTION_IMPLEMENTATIONS,
+         f"{w}.implementation={a.implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
+  _check(e, a.chunk_size >= 1, f"{w}.chunk_size={a.chunk_size} must be >= 1 (e.g. 512).")
+  _check(e, a.xla_max_len >= 0, f"{w}.xla_max_len={a.xla_max_len} must be >= 0.")
+  _check(e, a.rope_layout in ROPE_LAYOUTS, f"{w}.rope_layout={a.rope_layout!r} is not one of {ROPE_LAYOUTS}.")
+  _check(e, a.compress_rope_theta >= 0, f"{w}.compress_rope_theta={a.compress_rope_theta} must be >= 0 "
+         "(0: model.rope_theta).")
+  _validate_yarn(e, a.yarn, f"{w}.yarn")
+  _validate_yarn(e, a.compress_yarn, f"{w}.compress_yarn")
+  if types & _WINDOWED:
+    _check(e, a.window >= 1, f"{w}.window={a.window} must be >= 1 for {sorted(types & _WINDOWED)} layers.")
+  if types & (_QK_NORM | _V4):
+    rotated = a.rope_dim or head
+    _check(e, 0 <= a.rope_dim <= head and rotated % 2 == 0,
+           f"{w}.rope_dim={a.rope_dim} must be even and in [0, head dim {head}] (0 rotates the whole head).")
+  if a.qk_norm:
+    _check(e, bool(types & _QK_NORM), f"{w}.qk_norm=True has no effect on {sorted(types)} layers (only dense "
+           "and sliding use it; mla/dsa/V4 types have their own q/kv norms); set it to False.")
+  if types & _MLA:
+    for f in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+      _check(e, a[f] >= 1, f"{w}.{f}={a[f]} must be >= 1 for mla/dsa layers.")
+    _check(e, a.qk_rope_head_dim >= 2 and a.qk_rope_head_dim % 2 == 0,
+           f"{w}.qk_rope_head_dim={a.qk_rope_head_dim} must be even and >= 2 for mla/dsa layers.")
+  _check(e, a.q_lora_rank >= 0, f"{w}.q_lora_rank={a.q_lora_rank} must be >= 0 (0: plain query projection).")
+  needs_q_lora = sorted(types & (_V4 | {"dsa"}))
+  if needs_q_lora:
+    _check(e, a.q_lora_rank >= 1, f"{w}.q_lora_rank=0 but {needs_q_lora} layers need a low-rank query "
+           "(their indexer reads it); set e.g. --config.model.attention.q_lora_rank=64.")
+  if types & _V4:
+    _check(e, a.o_groups >= 1 and m.num_heads % a.o_groups == 0,
+           f"{w}.o_groups={a.o_groups} must divide model.num_heads={m.num_heads}.")
+    _check(e, a.o_lora_rank >= 1, f"{w}.o_lora_rank={a.o_lora_rank} must be >= 1.")
+  for f, t in (("csa_ratio", "csa"), ("hca_ratio", "hca")):
+    if t in types:
+      _check(e, a[f] >= 1, f"{w}.{f}={a[f]} must be >= 1 (tokens per compressed entry).")
+  if types & _INDEXED:
+    for f in ("index_heads", "index_head_dim", "index_topk"):
+      _check(e, a[f] >= 1, f"{w}.{f}={a[f]} must be >= 1 for {sorted(types & _INDEXED)} layers.")
+    _check(e, a.indexer_stage in INDEXER_STAGES,
+           f"{w}.indexer_stage={a.indexer_stage!r} is not one of {INDEXER_STAGES}.")
+    _check(e, a.indexer_loss_weight >= 0, f"{w}.indexer_loss_weight={a.indexer_loss_weight} must be >= 0.")
+    _check(e, a.indexer_recall_queries >= 0,
+           f"{w}.indexer_recall_queries={a.indexer_recall_queries} must be >= 0 (0: no recall metric).")
+    index_rope = {"dsa": a.qk_rope_head_dim, "csa": a.rope_dim or a.index_head_dim}
+    for t in sorted(types & _INDEXED):
+      _check(e, index_rope[t] <= a.index_head_dim and index_rope[t] % 2 == 0,
+             f"{w}.index_head_dim={a.index_head_dim} is smaller than the {index_rope[t]} rope channels the "
+             f"{t} indexer rotates; raise index_head_dim.")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -36,6 +36,9 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("lora", None),          # low-rank widths (MLA / V4 q, kv and output ranks)
+    ("index_heads", None),   # lightning-indexer heads (few, narrow)
+    ("o_groups", "tensor"),  # V4 grouped output projection: groups of heads
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("norm", None),

@@ -44,6 +44,20 @@ def _cfg(**fields):
     ({"mesh__data": -1, "mesh__fsdp": -1}, 8, "at most one axis may be -1"),
     ({"mesh__data": 1, "mesh__fsdp": 8, "train__batch_size": 4}, 8,
      "must divide over mesh.data*mesh.fsdp*mesh.expert=8"),
+    ({"model__attention_types": ("csa",)}, 1, "model.attention.q_lora_rank=0 but ['csa'] layers need a low-rank query"),
+    ({"model__attention_types": ("dsa",), "model__attention__q_lora_rank": 8, "model__attention__indexer_stage": "on"},
+     1, "model.attention.indexer_stage='on' is not one of ('warmup', 'sparse', 'off')"),
+    ({"model__attention_types": ("hca",), "model__attention__q_lora_rank": 8, "model__attention__o_groups": 3}, 1,
+     "model.attention.o_groups=3 must divide model.num_heads=4"),
+    ({"model__attention__rope_dim": 5}, 1, "model.attention.rope_dim=5 must be even"),
+    ({"model__attention__rope_layout": "gptj"}, 1, "model.attention.rope_layout='gptj' is not one of"),
+    ({"model__attention__implementation": "flash"}, 1, "model.attention.implementation='flash' is not one of"),
+    ({"model__attention_types": ("sliding",), "model__attention__window": 0}, 1, "model.attention.window=0 must be >= 1"),
+    ({"model__attention__qk_norm": True, "model__attention_types": ("mla",)}, 1, "qk_norm=True has no effect"),
+    ({"model__attention__yarn__factor": 4.0, "model__attention__yarn__beta_slow": 64.0}, 1,
+     "model.attention.yarn: beta_fast=32.0 must exceed beta_slow=64.0"),
+    ({"model__attention_types": ("dsa",), "model__attention__q_lora_rank": 8, "model__attention__index_head_dim": 8,
+      "model__attention__qk_rope_head_dim": 16}, 1, "model.attention.index_head_dim=8 is smaller than the 16 rope"),
 ])
 def test_invalid_configs_name_the_field_and_fix(fields, num_devices, message):
   with pytest.raises(ConfigError) as err:
@@ -61,7 +75,9 @@ def test_all_problems_are_reported_at_once():
                                   "configs/tiny.py:mqar", "configs/small.py",
                                   "configs/tiny_mhc_mtp.py", "configs/tiny_mhc_mtp.py:copy", "configs/tiny_moe.py",
                                   "configs/tiny_moe.py:v4", "configs/tiny_moe.py:qwen3", "configs/tiny_moe.py:mixtral",
-                                  "configs/tiny_moe.py:expert_choice", "configs/tiny_moe.py:no_bias"])
+                                  "configs/tiny_moe.py:expert_choice", "configs/tiny_moe.py:no_bias", "configs/tiny_hybrid.py",
+                                  "configs/tiny_hybrid.py:v4,passkey", "configs/tiny_hybrid.py:dsa,warmup,copy",
+                                  "configs/tiny_hybrid.py:mla,mqar", "configs/tiny_hybrid.py:mixed"])
 def test_shipped_configs_are_valid(spec):
   validate(load_config(spec), num_devices=8)
 

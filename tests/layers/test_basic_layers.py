@@ -7,7 +7,7 @@ import numpy as np
 
 from moejax.layers.mlp import MLP
 from moejax.layers.norms import RMSNorm
-from moejax.layers.rope import apply_rope
+from moejax.layers.rope import Rope, apply_rope
 from tests.helpers import np_rope, tiny_model_cfg, unboxed_init
 
 
@@ -25,7 +25,7 @@ def test_rope_matches_explicit_rotations():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 7, 3, 8)).astype(np.float32)
   pos = rng.integers(0, 1000, size=(1, 7))
-  got = apply_rope(jnp.asarray(x), jnp.asarray(pos), theta=10_000.0)
+  got = apply_rope(jnp.asarray(x), jnp.asarray(pos), Rope(10_000.0))
   chex.assert_trees_all_close(got[0], np_rope(x[0], pos[0], 10_000.0).astype(np.float32), atol=2e-5)
 
 
@@ -35,8 +35,8 @@ def test_rope_scores_depend_only_on_relative_position():
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)).astype(np.float32))
 
   def score(m, n):
-    qm = apply_rope(q, jnp.array([[m]]), 10_000.0)
-    kn = apply_rope(k, jnp.array([[n]]), 10_000.0)
+    qm = apply_rope(q, jnp.array([[m]]), Rope(10_000.0))
+    kn = apply_rope(k, jnp.array([[n]]), Rope(10_000.0))
     return float(jnp.sum(qm * kn))
 
   np.testing.assert_allclose(score(5, 2), score(103, 100), rtol=1e-4)

@@ -3,7 +3,15 @@
 Every attention type is a Linen module constructed as ``cls(cfg=model_cfg)``
 and called as ``attn(x_BxTxD, positions_BxT, segment_ids_BxT) -> y_BxTxD``.
 ``segment_ids`` separate packed documents (0 = padding); attention never
-crosses a document boundary and is causal within a document.
+crosses a document boundary and is causal within a document. Options live
+in ``model.attention`` (see docs/attention.md):
+
+  dense     GQA over all previous keys              (dense.py)
+  sliding   GQA over the last ``window`` keys       (sliding.py)
+  mla       DeepSeek-V2/V3 multi-head latent attn   (mla.py)
+  dsa       DeepSeek-V3.2 sparse attention (MLA + lightning indexer top-k)  (dsa.py)
+  swa/csa/hca  DeepSeek-V4 shared-KV attention: window only / + compressed
+            entries picked by an indexer / + all heavily compressed entries  (compressed.py)
 """
 
 from moejax.registry import Registry
@@ -11,4 +19,4 @@ from moejax.registry import Registry
 ATTENTION = Registry("attention type")
 
 # Importing a module registers the types it defines.
-from moejax.layers.attention import dense  # noqa: E402,F401
+from moejax.layers.attention import compressed, dense, dsa, mla, sliding  # noqa: E402,F401

@@ -1,68 +1,72 @@
-"""Grouped-query causal attention (Ainslie et al., 2023, GQA).
+"""Grouped-query causal attention (Ainslie et al., 2023, GQA), and its options.
 
-``softmax(q k^T / sqrt(Dh) + mask) v`` with K kv heads shared by groups of
-G = H // K query heads, RoPE on q and k, and a causal, document-aware mask
-from ``segment_ids``. The kernel is ``jax.nn.dot_product_attention``, which
-lets XLA (or cuDNN on GPU) choose the fused implementation.
+``softmax(q k^T / sqrt(Dh) + mask [+ sink]) v`` with K kv heads shared by
+groups of G = H // K query heads, RoPE on q and k (partial with
+``attention.rope_dim``: the leading channels, GPT-NeoX style; layout
+``attention.rope_layout``; YaRN with ``attention.yarn``), optional per-head
+QK RMSNorm (``attention.qk_norm``, Qwen3) and per-head attention sinks
+(``attention.sinks``), and a causal, document-aware mask from
+``segment_ids``. The kernel is ``jax.nn.dot_product_attention`` at short T
+(XLA or cuDNN pick the fused implementation) and the flash-style chunked
+kernel of ``core.py`` at long T (``attention.implementation``).
+
+Parameters: ``w_q [D, H, Dh]``, ``w_k``/``w_v [D, K, Dh]``, ``w_o [H, Dh, D]``
+(HF ``q_proj``/``k_proj``/``v_proj``/``o_proj`` weights transposed and split
+per head), ``q_norm``/``k_norm`` (``q_norm``/``k_norm``), ``sinks [H]``.
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers import DTYPES
-from moejax.layers.attention import ATTENTION
+from moejax.layers.attention import ATTENTION, core, options
+from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
-
-
-def causal_segment_mask(segment_ids_BxT):
-  """Bool [B, 1, T, T]: query t sees key s iff s <= t, same segment, segment > 0.
-
-  Padding queries (segment 0) see themselves only, so their softmax stays
-  finite; their outputs are never trained on.
-  """
-  t = segment_ids_BxT.shape[1]
-  causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
-  same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  valid_BxT = segment_ids_BxT > 0
-  mask = causal_TxT & same_BxTxT & (valid_BxT[:, :, None] | jnp.eye(t, dtype=bool))
-  return mask[:, None]
-
-
-def head_dim(cfg) -> int:
-  return cfg.head_dim or cfg.d_model // cfg.num_heads
 
 
 @ATTENTION.register("dense")
 class DenseAttention(nn.Module):
-  """x_BxTxD -> y_BxTxD; q: [B,T,H,Dh], k/v: [B,T,K,Dh]."""
+  """x_BxTxD -> y_BxTxD; q: [B,T,H,Dh], k/v: [B,T,K,Dh]; every key up to the query."""
 
   cfg: ml_collections.FrozenConfigDict
 
-  @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+  def window(self) -> int:
+    return 0
+
+  def setup(self):
     cfg = self.cfg
-    dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-    d, h, k, dh = x_BxTxD.shape[-1], cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
-    init = nn.initializers.normal(cfg.init_std)
+    d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, options.head_dim(cfg)
+    self.w_q = options.weight(self, "w_q", (d, h, dh), ("embed", "heads", "head_dim"))
+    self.w_k = options.weight(self, "w_k", (d, k, dh), ("embed", "kv_heads", "head_dim"))
+    self.w_v = options.weight(self, "w_v", (d, k, dh), ("embed", "kv_heads", "head_dim"))
+    self.w_o = options.weight(self, "w_o", (h, dh, d), ("heads", "head_dim", "embed"))
+    if cfg.attention.qk_norm:
+      dtype, pdtype = options.dtypes(cfg)
+      self.q_norm = RMSNorm(cfg.norm_eps, dtype, pdtype)
+      self.k_norm = RMSNorm(cfg.norm_eps, dtype, pdtype)
+    self.sinks_H = options.sinks(self, h) if cfg.attention.sinks else None
+    self.rope = options.main_rope(cfg, dim=cfg.attention.rope_dim, part="leading")
 
-    def proj(name, shape, axes):
-      return self.param(name, nn.with_logical_partitioning(init, axes), shape, pdtype).astype(dtype)
-
-    w_q_DxHxDh = proj("w_q", (d, h, dh), ("embed", "heads", "head_dim"))
-    w_k_DxKxDh = proj("w_k", (d, k, dh), ("embed", "kv_heads", "head_dim"))
-    w_v_DxKxDh = proj("w_v", (d, k, dh), ("embed", "kv_heads", "head_dim"))
-    w_o_HxDhxD = proj("w_o", (h, dh, d), ("heads", "head_dim", "embed"))
-
-    x = x_BxTxD.astype(dtype)
-    q_BxTxHxDh = jnp.einsum("BTD,DHK->BTHK", x, w_q_DxHxDh)
-    k_BxTxKxDh = jnp.einsum("BTD,DHK->BTHK", x, w_k_DxKxDh)
-    v_BxTxKxDh = jnp.einsum("BTD,DHK->BTHK", x, w_v_DxKxDh)
-    q_BxTxHxDh = apply_rope(q_BxTxHxDh, positions_BxT, cfg.rope_theta)
-    k_BxTxKxDh = apply_rope(k_BxTxKxDh, positions_BxT, cfg.rope_theta)
+  def project(self, x_BxTxD, positions_BxT):
+    """q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh after norms and rope (what a kv cache stores)."""
+    x = x_BxTxD.astype(self.w_q.dtype)
+    q_BxTxHxDh = jnp.einsum("BTD,DHK->BTHK", x, self.w_q)
+    k_BxTxKxDh = jnp.einsum("BTD,DHK->BTHK", x, self.w_k)
+    v_BxTxKxDh = jnp.einsum("BTD,DHK->BTHK", x, self.w_v)
+    if self.cfg.attention.qk_norm:
+      q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
+    q_BxTxHxDh = apply_rope(q_BxTxHxDh, positions_BxT, self.rope)
+    k_BxTxKxDh = apply_rope(k_BxTxKxDh, positions_BxT, self.rope)
     q_BxTxHxDh = nn.with_logical_constraint(q_BxTxHxDh, ("act_batch", "act_length", "act_heads", None))
+    return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
 
-    out_BxTxHxDh = jax.nn.dot_product_attention(
-        q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=causal_segment_mask(segment_ids_BxT))
-    return jnp.einsum("BTHK,HKD->BTD", out_BxTxHxDh, w_o_HxDhxD)
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    a = self.cfg.attention
+    q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = self.project(x_BxTxD, positions_BxT)
+    scale = q_BxTxHxDh.shape[-1] ** -0.5 * self.rope.softmax_scale
+    out_BxTxHxDh, max_logit_H = core.causal_attention(
+        q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, scale=scale, window=self.window(),
+        sinks_H=self.sinks_H, use_xla=options.use_xla_kernel(self.cfg, x_BxTxD.shape[1]), block=a.chunk_size,
+        track_max_logit=a.track_max_logit)
+    core.sow_max_logit(self, max_logit_H, a.track_max_logit)
+    return jnp.einsum("BTHK,HKD->BTD", out_BxTxHxDh, self.w_o)

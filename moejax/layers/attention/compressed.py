@@ -1,0 +1,268 @@
+"""DeepSeek-V4 hybrid attention: shared-KV MQA over a window plus compressed entries.
+
+Every V4 layer (DeepSeek-V4 report §2.3; HF ``DeepseekV4Attention``):
+
+* low-rank queries ``q = unweighted_rmsnorm(rmsnorm(x W_qa) W_qb)`` per head
+  and one shared key=value head ``kv = rmsnorm(x W_kv)`` (MQA, K = V), both
+  with rope on the *trailing* ``attention.rope_dim`` channels (V4:
+  interleaved, ``rope_layout="interleave"``);
+* a causal sliding window of ``attention.window`` tokens, and per-head
+  attention sinks, all in one softmax with the compressed entries below;
+* the output's rope channels de-rotated (rope at ``-position``), then a
+  grouped low-rank output projection: heads split into ``o_groups`` groups,
+  each projected to ``o_lora_rank`` (``w_o_a``), then mixed to D (``w_o_b``).
+
+Types: ``swa`` (window only; "main" rope: ``model.rope_theta``,
+``attention.yarn``), and with compressed entries and the "compress" rope
+(``attention.compress_rope_theta``, ``attention.compress_yarn``):
+
+* ``hca`` — entry w pools tokens ``[w m, (w+1) m)`` (m = ``hca_ratio``) by a
+  learned softmax gate, ``sum_j softmax_j(x_j W_gate + bias_j) * (x_j W_kv)``,
+  then rmsnorm and rope at the window's first position; every query attends
+  to all complete entries;
+* ``csa`` — m = ``csa_ratio`` with two series per token (Ca, Cb): entry w
+  pools Ca of window w-1 and Cb of window w (overlapping width 2m); a
+  lightning indexer with its own compressor keeps the ``index_topk`` best
+  entries per query (trained as in ``indexer.py``).
+
+Causality is exact: query t sees entry w iff ``(w+1) m <= t + 1`` (every
+pooled token is at or before t) and all its tokens are in t's document.
+
+Parameter names -> HF ``layers.N.self_attn.*``: ``w_q_a``/``q_a_norm``/
+``w_q_b`` = q_a_proj/q_a_norm/q_b_proj, ``w_kv``/``kv_norm`` = kv_proj/kv_norm,
+``w_o_a [G, H Dh / G, Ro]`` = o_a_proj (weight viewed [G, Ro, H Dh / G],
+transposed), ``w_o_b [G, Ro, D]`` = o_b_proj.T, ``sinks`` = sinks;
+``compressor/{w_kv, w_gate, position_bias, kv_norm}`` = compressor.{kv_proj,
+gate_proj, position_bias, kv_norm}; ``indexer/{w_kv, w_gate, position_bias,
+kv_norm, w_q_b, w_weights}`` = compressor.indexer.{kv_proj, gate_proj,
+position_bias, kv_norm, q_b_proj, scorer.weights_proj}.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moejax.layers.attention import ATTENTION, core, indexer, options
+from moejax.layers.norms import RMSNorm
+from moejax.layers.rope import Rope, apply_rope
+
+
+class Entries(NamedTuple):
+  """Compressed entries of a row: values and what decides who may see them."""
+
+  kv_BxNxK: jax.Array  # rotated, normalised
+  last_N: jax.Array     # index of the last pooled token: query t sees entry w iff last[w] <= t
+  segment_BxN: jax.Array  # the document all pooled tokens belong to, -1 if they straddle two
+
+  def visible(self, q_idx_Q, q_seg_BxQ):
+    """Bool [B, Q, N]."""
+    return ((self.last_N[None, None, :] <= q_idx_Q[None, :, None])
+            & (self.segment_BxN[:, None, :] == q_seg_BxQ[:, :, None]) & (q_seg_BxQ > 0)[:, :, None])
+
+
+def compress(module: nn.Module, x_BxTxD, positions_BxT, segment_ids_BxT, ratio: int, dim: int, overlap: bool,
+             rope: Rope) -> Entries:
+  """Softmax-gated pooling of each complete window of ``ratio`` tokens (see module doc).
+
+  Creates, on ``module``: ``w_kv``/``w_gate [D, c*dim]``, ``position_bias
+  [ratio, c*dim]`` (float32, zeros) and ``kv_norm``, with c = 2 (Ca, Cb) if
+  ``overlap`` else 1. A trailing incomplete window yields no entry.
+  """
+  cfg = module.cfg
+  c = 2 if overlap else 1
+  w_kv = options.weight(module, "w_kv", (cfg.d_model, c * dim), ("embed", "head_dim"))
+  w_gate = options.weight(module, "w_gate", (cfg.d_model, c * dim), ("embed", "head_dim"))
+  bias = module.param("position_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "head_dim")),
+                      (ratio, c * dim), jnp.float32)
+  b, t = segment_ids_BxT.shape
+  n = t // ratio
+  x = x_BxTxD[:, :n * ratio].astype(w_kv.dtype).reshape(b, n, ratio, cfg.d_model)
+  kv_BxNxMxC = jnp.einsum("BNMD,DC->BNMC", x, w_kv)
+  gate_BxNxMxC = jnp.einsum("BNMD,DC->BNMC", x, w_gate).astype(jnp.float32) + bias
+  if overlap:  # entry w pools Ca (channels :dim) of window w-1 and Cb (dim:) of window w
+    shift = lambda a, fill: jnp.pad(a[:, :-1, :, :dim], [(0, 0), (1, 0), (0, 0), (0, 0)], constant_values=fill)
+    kv_BxNxMxC = jnp.concatenate([shift(kv_BxNxMxC, 0), kv_BxNxMxC[..., dim:]], axis=2)
+    gate_BxNxMxC = jnp.concatenate([shift(gate_BxNxMxC, core.NEG), gate_BxNxMxC[..., dim:]], axis=2)
+  weights = jax.nn.softmax(gate_BxNxMxC, axis=2).astype(kv_BxNxMxC.dtype)
+  dtype, pdtype = options.dtypes(cfg)
+  pooled_BxNxK = RMSNorm(cfg.norm_eps, dtype, pdtype, name="kv_norm")(jnp.sum(weights * kv_BxNxMxC, axis=2))
+  starts = np.arange(n) * ratio  # static
+  kv_BxNxK = apply_rope(pooled_BxNxK, positions_BxT[:, starts], rope)
+  first = np.maximum(starts - ratio, 0) if overlap else starts
+  last = starts + ratio - 1
+  seg_first, seg_last = segment_ids_BxT[:, first], segment_ids_BxT[:, last]
+  return Entries(kv_BxNxK, last, jnp.where(seg_first == seg_last, seg_last, -1))
+
+
+class Compressor(nn.Module):
+  """(x_BxTxD, positions_BxT, segment_ids_BxT) -> Entries of width Dh (V4 compressor)."""
+
+  cfg: ml_collections.FrozenConfigDict
+  ratio: int
+  overlap: bool
+  rope: Rope
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    return compress(self, x_BxTxD, positions_BxT, segment_ids_BxT, self.ratio, options.head_dim(self.cfg),
+                    self.overlap, self.rope)
+
+
+class CompressedIndexer(nn.Module):
+  """V4's lightning indexer: -> (q_BxTxJxI, w_BxTxJ, Entries of width I) with its own compressor."""
+
+  cfg: ml_collections.FrozenConfigDict
+  rope: Rope
+
+  @nn.compact
+  def __call__(self, x_BxTxD, q_resid_BxTxRq, positions_BxT, segment_ids_BxT):
+    a = self.cfg.attention
+    entries = compress(self, x_BxTxD, positions_BxT, segment_ids_BxT, a.csa_ratio, a.index_head_dim, True,
+                       self.rope)
+    q_BxTxJxI, w_BxTxJ = indexer.indexer_queries(self, x_BxTxD, q_resid_BxTxRq, positions_BxT, self.rope)
+    return q_BxTxJxI, w_BxTxJ, entries
+
+
+class V4Attention(nn.Module):
+  """x_BxTxD -> y_BxTxD: DeepSeek-V4 attention (see module doc); ``compression`` none | csa | hca."""
+
+  cfg: ml_collections.FrozenConfigDict
+  compression: str = "none"
+
+  def setup(self):
+    cfg, a = self.cfg, self.cfg.attention
+    d, h, dh, g = cfg.d_model, cfg.num_heads, options.head_dim(cfg), a.o_groups
+    dtype, pdtype = options.dtypes(cfg)
+    self.w_q_a = options.weight(self, "w_q_a", (d, a.q_lora_rank), ("embed", "lora"))
+    self.q_a_norm = RMSNorm(cfg.norm_eps, dtype, pdtype)
+    self.w_q_b = options.weight(self, "w_q_b", (a.q_lora_rank, h, dh), ("lora", "heads", "head_dim"))
+    self.w_kv = options.weight(self, "w_kv", (d, dh), ("embed", "head_dim"))
+    self.kv_norm = RMSNorm(cfg.norm_eps, dtype, pdtype)
+    self.w_o_a = options.weight(self, "w_o_a", (g, h * dh // g, a.o_lora_rank), ("o_groups", None, "lora"))
+    self.w_o_b = options.weight(self, "w_o_b", (g, a.o_lora_rank, d), ("o_groups", "lora", "embed"))
+    self.sinks_H = options.sinks(self, h)
+    if self.compression == "none":
+      self.rope = options.main_rope(cfg, dim=a.rope_dim, part="trailing")
+    else:
+      self.rope = options.compress_rope(cfg, dim=a.rope_dim)
+      ratio = a.csa_ratio if self.compression == "csa" else a.hca_ratio
+      self.compressor = Compressor(cfg, ratio, self.compression == "csa", self.rope)
+    if self.compression == "csa":
+      self.indexer = CompressedIndexer(cfg, self.rope)
+    self.scale = dh ** -0.5 * self.rope.softmax_scale
+
+  def project(self, x_BxTxD, positions_BxT):
+    """(q_resid_BxTxRq, q_BxTxHxDh, kv_BxTxDh): queries and the shared key=value, rotated."""
+    x = x_BxTxD.astype(self.w_q_a.dtype)
+    q_resid = self.q_a_norm(jnp.einsum("BTD,DR->BTR", x, self.w_q_a))
+    q = jnp.einsum("BTR,RHK->BTHK", q_resid, self.w_q_b)
+    q32 = q.astype(jnp.float32)
+    q = (q32 * jax.lax.rsqrt(jnp.mean(q32 * q32, -1, keepdims=True) + self.cfg.norm_eps)).astype(q.dtype)
+    q = nn.with_logical_constraint(apply_rope(q, positions_BxT, self.rope),
+                                   ("act_batch", "act_length", "act_heads", None))
+    kv = apply_rope(self.kv_norm(jnp.einsum("BTD,DK->BTK", x, self.w_kv)), positions_BxT, self.rope)
+    return q_resid, q, kv
+
+  def output(self, out_BxTxHxDh, positions_BxT):
+    """De-rotate the rope channels, then the grouped low-rank projection -> [B, T, D]."""
+    b, t = positions_BxT.shape
+    out = apply_rope(out_BxTxHxDh, positions_BxT, self.rope, inverse=True)
+    out = out.reshape(b, t, self.cfg.attention.o_groups, -1)
+    return jnp.einsum("BTGR,GRD->BTD", jnp.einsum("BTGI,GIR->BTGR", out, self.w_o_a), self.w_o_b)
+
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    a = self.cfg.attention
+    q_resid, q_BxTxHxDh, kv_BxTxDh = self.project(x_BxTxD, positions_BxT)
+    kv_BxTx1xDh = kv_BxTxDh[:, :, None, :]
+    kw = dict(scale=self.scale, window=a.window, block=a.chunk_size)
+    entries = picks = None
+    if self.compression != "none":
+      entries = self.compressor(x_BxTxD, positions_BxT, segment_ids_BxT)
+    if self.compression == "csa":  # the indexer learns from its KL only: detached inputs
+      sg = jax.lax.stop_gradient
+      picks = self.indexer(sg(x_BxTxD), sg(q_resid), positions_BxT, segment_ids_BxT)
+    if entries is None or entries.kv_BxNxK.shape[1] == 0:
+      out, max_logit = core.causal_attention(
+          q_BxTxHxDh, kv_BxTx1xDh, kv_BxTx1xDh, segment_ids_BxT, sinks_H=self.sinks_H,
+          use_xla=options.use_xla_kernel(self.cfg, x_BxTxD.shape[1]), track_max_logit=a.track_max_logit, **kw)
+    else:
+      window = core.flash_attention(q_BxTxHxDh, kv_BxTx1xDh, kv_BxTx1xDh, segment_ids_BxT, **kw)
+      compressed, sums, recall = self.compressed_part(q_BxTxHxDh, segment_ids_BxT, entries, picks, window[1])
+      out, _ = core.merge([window[:2], compressed], self.sinks_H)
+      max_logit = jnp.maximum(window[2], sums.pop("max_logit"))
+      indexer.sow_training(self, sums, recall)
+    core.sow_max_logit(self, max_logit, a.track_max_logit)
+    return self.output(out, positions_BxT)
+
+  def compressed_part(self, q_BxTxHxDh, segment_ids_BxT, entries: Entries, picks, window_lse_BxTxH):
+    """Attention over the compressed entries: ((out, lse), sums, recall or None), a query chunk at a time.
+
+    ``picks`` = the indexer's (q_BxTxJxI, w_BxTxJ, Entries) for csa, None for hca (all entries).
+    """
+    a = self.cfg.attention
+    n = entries.kv_BxNxK.shape[1]
+    sg = jax.lax.stop_gradient
+    q_i, w_i, idx_entries = picks or (None, None, None)
+    stage = a.indexer_stage if picks else "dense"
+    dense = stage in ("dense", "warmup")
+    top = min(a.index_topk, n)
+
+    def chunk(start, xs, seg_BxQ):
+      q, lse_w, q_i_c, w_i_c = xs
+      valid_BxQxN = entries.visible(start + jnp.arange(seg_BxQ.shape[1]), seg_BxQ)
+      if dense:
+        keys, ok, spec = entries.kv_BxNxK, valid_BxQxN, "BS"
+      else:
+        idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(idx_entries.kv_BxNxK)), valid_BxQxN, top)
+        keys, spec = indexer.gather(entries.kv_BxNxK, idx), "BQS"
+      logits = jnp.einsum(f"BQHK,{spec}K->BQHS", q, keys, preferred_element_type=jnp.float32) * self.scale
+      out, lse, max_logit = core.masked_attention(logits, keys, ok, spec)
+      sums = {"max_logit": max_logit}
+      if stage in ("warmup", "sparse"):
+        if dense:
+          index = indexer.scores(q_i_c, w_i_c, idx_entries.kv_BxNxK)
+        else:
+          index = indexer.gathered_scores(q_i_c, w_i_c, indexer.gather(idx_entries.kv_BxNxK, idx))
+        lse_all = jax.nn.logsumexp(jnp.stack([lse, lse_w, jnp.broadcast_to(self.sinks_H, lse.shape)]), axis=0)
+        sums.update(indexer.kl_to_main(logits, lse_all, index, ok, seg_BxQ > 0))
+      return (out.astype(q.dtype), lse), sums
+
+    rows = core.chunk_rows(a.chunk_size, n * (self.cfg.num_heads if dense else 1))  # [rows, H or 1, N] scores
+    compressed, sums = core.map_query_chunks(chunk, rows, (q_BxTxHxDh, window_lse_BxTxH, q_i, w_i),
+                                             segment_ids_BxT)
+    recall = None
+    if self.compression == "csa" and indexer.wants_recall(self):
+      rows = indexer.recall_rows(segment_ids_BxT.shape[1], a.indexer_recall_queries)
+      seg_BxR = segment_ids_BxT[:, rows]
+      logits = jnp.einsum("BRHK,BNK->BRHN", q_BxTxHxDh[:, rows], entries.kv_BxNxK,
+                          preferred_element_type=jnp.float32) * self.scale
+      index = indexer.scores(q_i[:, rows], w_i[:, rows], idx_entries.kv_BxNxK)
+      recall = indexer.recall(logits, entries.visible(jnp.asarray(rows), seg_BxR), index, top, seg_BxR > 0)
+    return compressed, sums, recall
+
+
+@ATTENTION.register("swa")
+class SlidingV4Attention(V4Attention):
+  """DeepSeek-V4 attention with the window only (V4's ``sliding_attention`` layers)."""
+
+  compression: str = "none"
+
+
+@ATTENTION.register("csa")
+class CompressedSparseAttention(V4Attention):
+  """DeepSeek-V4 CSA: window + indexer-selected overlapping compressed entries (m = csa_ratio)."""
+
+  compression: str = "csa"
+
+
+@ATTENTION.register("hca")
+class HeavilyCompressedAttention(V4Attention):
+  """DeepSeek-V4 HCA: window + all heavily compressed entries (m = hca_ratio)."""
+
+  compression: str = "hca"

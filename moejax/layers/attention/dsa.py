@@ -1,0 +1,105 @@
+"""DeepSeek sparse attention (DeepSeek-V3.2, arXiv:2512.02556): MLA + lightning indexer top-k.
+
+Each query attends (MLA, absorbed form: MQA over the ``R + Dr`` latent keys)
+only to the ``index_topk`` previous tokens of its document that the
+lightning indexer (``indexer.py``, :class:`TokenIndexer`) scores highest.
+Queries are processed ``chunk`` rows at a time: indexer scores [chunk, T],
+top-k, gather [chunk, k, R + Dr], attention — so memory is O(T * k) plus one
+chunk, and attention compute O(T * k) (the indexer itself is O(T^2) but with
+a few narrow ReLU heads). ``indexer_stage`` selects warm-up (dense MLA
+attention, indexer KL over all keys), sparse (KL on the selected keys) or
+off. With ``index_topk >= T`` it is exactly dense MLA.
+
+Parameters: those of ``mla`` (requires ``q_lora_rank > 0``) plus
+``indexer/{w_q_b, w_weights, w_k, k_norm}`` (HF ``self_attn.indexer.{wq_b,
+weights_proj, wk, k_norm}``).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from moejax.layers.attention import ATTENTION, core, indexer, options
+from moejax.layers.attention.mla import MLAProjection, MLAttention
+
+
+@ATTENTION.register("dsa")
+class DSAttention(MLAttention):
+  """x_BxTxD -> y_BxTxD: MLA over each query's indexer-selected top-k previous tokens."""
+
+  def setup(self):
+    super().setup()
+    rope = options.main_rope(self.cfg, dim=self.cfg.attention.qk_rope_head_dim, part="leading", layout="half")
+    self.indexer = indexer.TokenIndexer(self.cfg, rope)
+
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    a = self.cfg.attention
+    p = self.project(x_BxTxD, positions_BxT)
+    sg = jax.lax.stop_gradient  # the indexer learns from its KL only
+    q_i, w_i, k_i = self.indexer(sg(x_BxTxD), sg(p.q_resid_BxTxRq), positions_BxT)
+    top = min(a.index_topk, x_BxTxD.shape[1])
+    if a.indexer_stage == "warmup":
+      out_BxTxHxDv, max_logit_H = self.dense_core(p, segment_ids_BxT)
+      sums = self._warmup_kl(p, q_i, w_i, k_i, segment_ids_BxT)
+    else:
+      out_BxTxHxDv, sums = self.sparse_core(p, q_i, w_i, k_i, segment_ids_BxT, top, a.indexer_stage == "sparse")
+      max_logit_H = sums.pop("max_logit")
+    core.sow_max_logit(self, max_logit_H, a.track_max_logit)
+    recall = self._recall(p, q_i, w_i, k_i, segment_ids_BxT, top) if indexer.wants_recall(self) else None
+    indexer.sow_training(self, sums, recall)
+    return self.output(out_BxTxHxDv)
+
+  def sparse_core(self, p: MLAProjection, q_i, w_i, k_i, segment_ids_BxT, top: int, with_kl: bool):
+    """(out_BxTxHxDv, sums): absorbed MLA over the top-``top`` keys, a query chunk at a time."""
+    t = segment_ids_BxT.shape[1]
+    keys_BxTxK = self.latent_keys(p)
+    r = self.cfg.attention.kv_lora_rank
+    sg = jax.lax.stop_gradient
+
+    def chunk(start, xs, seg_BxQ):
+      q_nope, q_rope, q_i_c, w_i_c = xs
+      valid_BxQxS = core.visible(start + jnp.arange(seg_BxQ.shape[1]), jnp.arange(t), seg_BxQ, segment_ids_BxT)
+      idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(k_i)), valid_BxQxS, top)
+      keys_BxQxSxK = indexer.gather(keys_BxTxK, idx)
+      logits = jnp.einsum("BQHK,BQSK->BQHS", self.absorb_query(q_nope, q_rope), keys_BxQxSxK,
+                          preferred_element_type=jnp.float32) * self.scale
+      out, lse, max_logit = core.masked_attention(logits, keys_BxQxSxK[..., :r], ok, "BQS")
+      if self.sinks_H is not None:
+        out, lse = core.merge([(out, lse)], self.sinks_H)
+      sums = {"max_logit": max_logit}
+      if with_kl:
+        index_sel = indexer.gathered_scores(q_i_c, w_i_c, indexer.gather(k_i, idx))
+        sums.update(indexer.kl_to_main(logits, lse, index_sel, ok, seg_BxQ > 0))
+      return self.unabsorb_output(out.astype(keys_BxTxK.dtype)), sums
+
+    per_query = (p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr, q_i, w_i)
+    return core.map_query_chunks(chunk, core.chunk_rows(self.cfg.attention.chunk_size, t), per_query,
+                                 segment_ids_BxT)
+
+  def _dense_logits(self, p: MLAProjection, q_nope, q_rope):
+    """Absorbed logits of some queries against every key, float32 [B, Q, H, T]."""
+    return jnp.einsum("BQHK,BSK->BQHS", self.absorb_query(q_nope, q_rope), self.latent_keys(p),
+                      preferred_element_type=jnp.float32) * self.scale
+
+  def _warmup_kl(self, p: MLAProjection, q_i, w_i, k_i, segment_ids_BxT):
+    """KL(dense main attention || indexer) over all visible keys, a query chunk at a time."""
+    t, h = segment_ids_BxT.shape[1], self.cfg.num_heads
+
+    def chunk(start, xs, seg_BxQ):
+      q_nope, q_rope, q_i_c, w_i_c = xs
+      valid_BxQxS = core.visible(start + jnp.arange(seg_BxQ.shape[1]), jnp.arange(t), seg_BxQ, segment_ids_BxT)
+      logits = self._dense_logits(p, q_nope, q_rope)
+      lse = core.masked_lse(logits, valid_BxQxS, self.sinks_H)
+      return (), indexer.kl_to_main(logits, lse, indexer.scores(q_i_c, w_i_c, k_i), valid_BxQxS, seg_BxQ > 0)
+
+    per_query = (p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr, q_i, w_i)
+    _, sums = core.map_query_chunks(chunk, core.chunk_rows(self.cfg.attention.chunk_size, t * h), per_query,
+                                    segment_ids_BxT)
+    return sums
+
+  def _recall(self, p: MLAProjection, q_i, w_i, k_i, segment_ids_BxT, top: int):
+    t = segment_ids_BxT.shape[1]
+    rows = indexer.recall_rows(t, self.cfg.attention.indexer_recall_queries)
+    seg_BxR = segment_ids_BxT[:, rows]
+    valid = core.visible(jnp.asarray(rows), jnp.arange(t), seg_BxR, segment_ids_BxT)
+    logits = self._dense_logits(p, p.q_nope_BxTxHxDn[:, rows], p.q_rope_BxTxHxDr[:, rows])
+    return indexer.recall(logits, valid, indexer.scores(q_i[:, rows], w_i[:, rows], k_i), top, seg_BxR > 0)

@@ -30,7 +30,8 @@ from moejax.losses import chunked_token_stats
 from moejax.metrics import MetricsWriter
 from moejax.models import build_model
 from moejax.models.state import update_model_state
-from moejax.optim import build_optimizer
+from moejax.optim import ParamLayout, build_optimizer, optimizer_metrics
+from moejax.optim.muon import layer_name, path_str
 from moejax.preemption import StopRequests
 from moejax.sharding import LOGICAL_RULES, batch_sharding, logical_sharding, make_mesh, put_batch
 
@@ -47,7 +48,10 @@ class TrainState:
   nonfinite_steps: jax.Array  # updates skipped because the loss or a gradient was NaN/Inf
 
 
-SOWN = ("aux_loss", "stats", "metrics")
+# Sown collections: aux_loss (added to the loss), stats (summed over micro-batches, for
+# moejax/models/state.py), metrics (logged), max_stats (maxed over micro-batches; attention's
+# "max_logit" [H] feeds QK-clip and is logged per layer).
+SOWN = ("aux_loss", "stats", "metrics", "max_stats")
 
 
 class Forward(NamedTuple):
@@ -58,6 +62,7 @@ class Forward(NamedTuple):
   aux_loss: jax.Array     # sum of the sown auxiliary losses
   stats: dict             # for model-state updates (see moejax/models/state.py)
   metrics: dict           # scalars to log, named by module path
+  max_logits: dict        # {"layer_0/attention": float32 [H]} per-head max attention logit
 
 
 def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int) -> Forward:
@@ -67,7 +72,8 @@ def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: in
       return_hidden=True, mutable=list(SOWN))
   ce_BxT, correct_BxT = chunked_token_stats(x_BxTxD, head_DxV, batch["targets"], loss_chunk)
   aux = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("aux_loss", {}))), jnp.zeros((), jnp.float32))
-  return Forward(ce_BxT, correct_BxT, aux, dict(sown.get("stats", {})), _flat_metrics(sown.get("metrics", {})))
+  return Forward(ce_BxT, correct_BxT, aux, dict(sown.get("stats", {})), _flat_metrics(sown.get("metrics", {})),
+                 _module_maxima(sown.get("max_stats", {})))
 
 
 def _flat_metrics(tree) -> dict[str, jax.Array]:
@@ -77,6 +83,26 @@ def _flat_metrics(tree) -> dict[str, jax.Array]:
     name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
     flat[name] = jnp.mean(leaf.astype(jnp.float32))
   return flat
+
+
+def _module_maxima(tree) -> dict[str, jax.Array]:
+  """{"layer_0/attention": max_H} from sown ``max_stats`` (max over repeated sows)."""
+  maxima: dict[str, jax.Array] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    module = path_str(path).rsplit("/", 2)[0]  # drop "max_logit/<sow index>"
+    leaf = leaf.astype(jnp.float32)
+    maxima[module] = jnp.maximum(maxima[module], leaf) if module in maxima else leaf
+  return maxima
+
+
+def _per_layer_rms(updates) -> dict[str, jax.Array]:
+  """{"layer_0/update_rms": RMS of the parameter change over that top-level module}."""
+  sums: dict[str, list] = {}
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    entry = sums.setdefault(f"{layer_name(path_str(path))}/update_rms", [0.0, 0])
+    entry[0] = entry[0] + jnp.sum(jnp.square(u.astype(jnp.float32)))
+    entry[1] += u.size
+  return {k: jnp.sqrt(total / count) for k, (total, count) in sums.items()}
 
 
 def _split_micro(batch: Batch, n: int) -> Batch:
@@ -100,21 +126,32 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     def micro_loss(params, micro: Batch):
       out = _forward(model, params, state.model_state, micro, loss_chunk)
       ce_sum = jnp.sum(out.ce_BxT * micro["weights"].astype(jnp.float32))
-      return ce_sum / total_weight + out.aux_loss / grad_accum_steps, (ce_sum, out.aux_loss, out.stats,
-                                                                       out.metrics)
+      return ce_sum / total_weight + out.aux_loss / grad_accum_steps, ((ce_sum, out.aux_loss, out.stats,
+                                                                        out.metrics), out.max_logits)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     micros = _split_micro(batch, grad_accum_steps)
+    first_micro = jax.tree.map(lambda x: x[0], micros)
 
     def accumulate(carry, micro: Batch):
-      (_, sums), grads = grad_fn(state.params, micro)
-      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+      grads, sums, maxima = carry
+      (_, (micro_sums, micro_maxima)), micro_grads = grad_fn(state.params, micro)
+      return (jax.tree.map(jnp.add, grads, micro_grads), jax.tree.map(jnp.add, sums, micro_sums),
+              jax.tree.map(jnp.maximum, maxima, micro_maxima)), None
 
-    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micros))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
-    (grads, (ce_sum, aux_sum, stats, layer_metrics)), _ = jax.lax.scan(accumulate, zeros, micros)
+    shapes = jax.eval_shape(grad_fn, state.params, first_micro)
+    (sum_shapes, max_shapes), grad_shapes = shapes[0][1], shapes[1]
+    init = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, sum_shapes))
+            + (jax.tree.map(lambda s: jnp.full(s.shape, -jnp.inf, s.dtype), max_shapes),))
+    (grads, (ce_sum, aux_sum, stats, layer_metrics), max_logits), _ = jax.lax.scan(accumulate, init, micros)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    def objective(params):
+      """The first micro-batch's mean loss (Sophia's Hessian-vector products)."""
+      out = _forward(model, params, state.model_state, first_micro, loss_chunk)
+      w_BxT = first_micro["weights"].astype(jnp.float32)
+      return jnp.sum(out.ce_BxT * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0) + out.aux_loss
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits, obj_fn=objective)
     params = optax.apply_updates(state.params, updates)
     model_state = update_model_state(state.model_state, stats, model.cfg)
     ce = ce_sum / total_weight
@@ -132,7 +169,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     metrics = {"loss": ce, "aux_loss": aux, "total_loss": ce + aux, "grad_norm": grad_norm,
                "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step),
                "tokens": total_weight, "finite": finite, "nonfinite_steps": nonfinite_steps,
-               **{k: v / grad_accum_steps for k, v in layer_metrics.items()}}
+               **{k: v / grad_accum_steps for k, v in layer_metrics.items()},
+               **_per_layer_rms(updates), **optimizer_metrics(opt_state),
+               **{f"{module}/max_logit": jnp.max(m_H) for module, m_H in max_logits.items()}}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state, nonfinite_steps=nonfinite_steps)
     return new_state, metrics
@@ -164,7 +203,10 @@ class Experiment:
     self.cfg = cfg
     self.mesh = make_mesh(cfg.mesh, devices)
     self.model = build_model(cfg.model)
-    self.tx, self.schedule = build_optimizer(cfg.optim, cfg.train.steps)
+    boxed_params = jax.eval_shape(self._boxed_variables, jax.random.key(0))[0]
+    self.layout = ParamLayout(nn.get_partition_spec(boxed_params),
+                              jax.tree.map(lambda s: s.spec, logical_sharding(self.mesh, boxed_params)))
+    self.tx, self.schedule = build_optimizer(cfg.optim, cfg.train.steps, self.layout)
 
     boxed = jax.eval_shape(self._boxed_init, jax.random.key(0))
     self.state_shardings = logical_sharding(self.mesh, boxed)
@@ -181,10 +223,14 @@ class Experiment:
         lambda params, model_state, batch: _forward(self.model, params, model_state, batch, cfg.train.loss_chunk)[:2],
         in_shardings=eval_shardings)
 
-  def _boxed_init(self, rng) -> TrainState:
+  def _boxed_variables(self, rng):
+    """(params, other variable collections), logically boxed."""
     dummy = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
     variables = {k: v for k, v in self.model.init(rng, dummy).items() if k not in SOWN}
-    params = variables.pop("params")
+    return variables.pop("params"), variables
+
+  def _boxed_init(self, rng) -> TrainState:
+    params, variables = self._boxed_variables(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                       model_state=variables, nonfinite_steps=jnp.zeros((), jnp.int32))
 

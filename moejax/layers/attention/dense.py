@@ -15,6 +15,8 @@ from moejax.layers import DTYPES
 from moejax.layers.attention import ATTENTION
 from moejax.layers.rope import apply_rope
 
+MAX_LOGIT_BLOCK = 512  # query/key block of the max-logit scan: memory O(B * H * block^2)
+
 
 def causal_segment_mask(segment_ids_BxT):
   """Bool [B, 1, T, T]: query t sees key s iff s <= t, same segment, segment > 0.
@@ -28,6 +30,45 @@ def causal_segment_mask(segment_ids_BxT):
   valid_BxT = segment_ids_BxT > 0
   mask = causal_TxT & same_BxTxT & (valid_BxT[:, :, None] | jnp.eye(t, dtype=bool))
   return mask[:, None]
+
+
+def max_logit_per_head(q_BxTxHxDh, k_BxTxKxDh, segment_ids_BxT, block: int = MAX_LOGIT_BLOCK):
+  """float32 [H]: each head's largest visible pre-softmax logit ``q.k / sqrt(Dh)``.
+
+  Visible = the attention mask for real (segment > 0) queries. Blocks of
+  ``block`` queries x ``block`` keys (``lax.scan`` over both), so [T, T] is
+  never held; what QK-clip (Kimi K2) acts on. No gradient flows through it.
+  """
+  b, t, h, dh = q_BxTxHxDh.shape
+  kv = k_BxTxKxDh.shape[2]
+  block = min(block, t)
+  n = -(-t // block)
+  pad = n * block - t
+  q = jnp.pad(jax.lax.stop_gradient(q_BxTxHxDh).astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+  k = jnp.pad(jax.lax.stop_gradient(k_BxTxKxDh).astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+  seg = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)))  # padding rows: segment 0, never visible
+  q_blocks = q.reshape(b, n, block, kv, h // kv, dh).swapaxes(0, 1)  # [n, B, block, K, G, Dh]
+  k_blocks = k.reshape(b, n, block, kv, dh).swapaxes(0, 1)           # [n, B, block, K, Dh]
+  seg_blocks = seg.reshape(b, n, block).swapaxes(0, 1)
+  idx_blocks = jnp.arange(n * block).reshape(n, block)
+
+  def over_queries(best_KxG, q_in):
+    q_b, q_seg, q_idx = q_in
+
+    def over_keys(best, k_in):
+      k_b, k_seg, k_idx = k_in
+      logits = jnp.einsum("BTKGD,BSKD->BKGTS", q_b, k_b) / jnp.sqrt(jnp.float32(dh))
+      visible_BxTxS = ((q_idx[:, None] >= k_idx[None, :])[None] & (q_seg[:, :, None] == k_seg[:, None, :])
+                       & (q_seg[:, :, None] > 0))
+      masked = jnp.where(visible_BxTxS[:, None, None], logits, -jnp.inf)
+      return jnp.maximum(best, jnp.max(masked, axis=(0, 3, 4))), None
+
+    best_KxG, _ = jax.lax.scan(over_keys, best_KxG, (k_blocks, seg_blocks, idx_blocks))
+    return best_KxG, None
+
+  init = jnp.full((kv, h // kv), -jnp.inf, jnp.float32)
+  best_KxG, _ = jax.lax.scan(over_queries, init, (q_blocks, seg_blocks, idx_blocks))
+  return best_KxG.reshape(h)
 
 
 def head_dim(cfg) -> int:
@@ -63,6 +104,8 @@ class DenseAttention(nn.Module):
     k_BxTxKxDh = apply_rope(k_BxTxKxDh, positions_BxT, cfg.rope_theta)
     q_BxTxHxDh = nn.with_logical_constraint(q_BxTxHxDh, ("act_batch", "act_length", "act_heads", None))
 
+    if cfg.attention.track_max_logit:
+      self.sow("max_stats", "max_logit", max_logit_per_head(q_BxTxHxDh, k_BxTxKxDh, segment_ids_BxT))
     out_BxTxHxDh = jax.nn.dot_product_attention(
         q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, mask=causal_segment_mask(segment_ids_BxT))
     return jnp.einsum("BTHK,HKD->BTD", out_BxTxHxDh, w_o_HxDhxD)

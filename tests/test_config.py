@@ -8,8 +8,11 @@ from moejax.config import ConfigError, base_config, load_config, validate
 def _cfg(**fields):
   cfg = base_config()
   for dotted, value in fields.items():
-    section, name = dotted.split("__")
-    cfg[section][name] = value
+    *sections, name = dotted.split("__")
+    node = cfg
+    for section in sections:
+      node = node[section]
+    node[name] = value
   return cfg
 
 
@@ -28,6 +31,13 @@ def _cfg(**fields):
     ({"optim__name": "adamq"}, 1, "optim.name='adamq' is unknown"),
     ({"optim__schedule": "linear"}, 1, "optim.schedule='linear' is unknown"),
     ({"optim__warmup_steps": -1}, 1, "optim.warmup_steps=-1 must be >= 0"),
+    ({"optim__muon__coefficients": "cubic"}, 1, "optim.muon.coefficients='cubic' is unknown; known: polar_express, quintic"),
+    ({"optim__muon__ns_dtype": "float16"}, 1, "optim.muon.ns_dtype='float16' must be 'bfloat16' or 'float32'"),
+    ({"optim__muon__scale": "spectral"}, 1, "optim.muon.scale='spectral' is not one of"),
+    ({"optim__muon__ns_steps": 0}, 1, "optim.muon.ns_steps=0 must be >= 1"),
+    ({"optim__muon__momentum": 1.0}, 1, "optim.muon.momentum=1.0 must be in [0, 1)"),
+    ({"optim__muon__exclude": ("router(",)}, 1, "optim.muon.exclude: 'router(' is not a regular expression"),
+    ({"optim__qk_clip_tau": 100.0}, 1, "--config.model.attention.track_max_logit=True"),
     ({"mesh__fsdp": 3}, 8, "mesh: fixed axes multiply to 3, which does not divide the 8 devices"),
     ({"mesh__data": 2, "mesh__fsdp": 2}, 8, "multiply to 4 but there are 8 devices"),
     ({"mesh__data": -1, "mesh__fsdp": -1}, 8, "at most one axis may be -1"),

@@ -33,18 +33,16 @@ def _train_one(cfg_dict: dict, run_dir: str, overrides: dict) -> dict:
   """Trains one run (also in a worker process); returns what goes in result.json."""
   from moejax.train import NonFiniteError, train
 
-  outcome: dict[str, Any] = {"overrides": overrides, "diverged": False}
+  cfg = ml_collections.ConfigDict(cfg_dict)
+  outcome: dict[str, Any] = {"overrides": overrides, "config": json.loads(config_lib.to_json(cfg)),
+                             "diverged": False}
   try:
-    train(ml_collections.ConfigDict(cfg_dict), run_dir)
+    train(cfg, run_dir)
   except NonFiniteError as err:
     outcome.update(diverged=True, error=str(err))
   with open(os.path.join(run_dir, RESULT), "w") as f:
     json.dump(outcome, f, indent=2, default=str)
   return outcome
-
-
-def _comparable(overrides: dict) -> str:
-  return json.dumps(overrides, sort_keys=True, default=str)
 
 
 def _execute(runs: list[Run], cfgs: dict[str, ml_collections.ConfigDict], overrides: dict[str, dict],
@@ -55,11 +53,15 @@ def _execute(runs: list[Run], cfgs: dict[str, ml_collections.ConfigDict], overri
     done = os.path.join(run_dir, RESULT)
     if os.path.exists(done):
       with open(done) as f:
-        recorded = json.load(f)["overrides"]
-      if _comparable(recorded) != _comparable(overrides[run.name]):
+        recorded = json.load(f)["config"]
+      wanted = json.loads(config_lib.to_json(cfgs[run.name]))
+      diffs = [f"{sec}.{k}: {recorded.get(sec, {}).get(k)!r} there, {v!r} now"
+               for sec, fields in wanted.items() if isinstance(fields, dict)
+               for k, v in fields.items() if recorded.get(sec, {}).get(k) != v]
+      if diffs or recorded.get("seed") != wanted["seed"]:
         raise config_lib.ConfigError(
-            f"{run_dir} finished with other settings ({recorded}) than this sweep asks for "
-            f"({overrides[run.name]}); use a new --workdir or delete that run directory.")
+            f"{run_dir} finished with other settings than this sweep asks for ({'; '.join(diffs) or 'seed'}); "
+            "use a new --workdir or delete that run directory.")
       log.info("sweep: %s finished earlier, skipped", run.name)
       continue
     os.makedirs(run_dir, exist_ok=True)

@@ -191,8 +191,7 @@ def _neuron_shape(shape, spec: MatrixSpec) -> tuple[int, ...]:
   return tuple(1 if a in spec.fan_in else s for a, s in enumerate(shape))
 
 
-def scale_by_muon(*, logical_axes=None, mesh_axes=None, exclude: Sequence[str] = DEFAULT_EXCLUDE,
-                  beta: float = 0.95, nesterov: bool = True, coefficients: str = "quintic", ns_steps: int = 5,
+def scale_by_muon(*, logical_axes=None, mesh_axes=None, beta: float = 0.95, nesterov: bool = True, coefficients: str = "quintic", ns_steps: int = 5,
                   ns_dtype=jnp.bfloat16, scale: str = "moonlight", rms: float = 0.2, normuon: bool = False,
                   normuon_b2: float = 0.95, diagnostics: bool = True) -> optax.GradientTransformation:
   """Muon's direction for every leaf (all must be matrices): momentum, NS, scaling.
@@ -297,7 +296,7 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, logical_axes=None, mesh_axes=
     return jax.tree_util.tree_map_with_path(lambda p, _: "muon" if specs[path_str(p)] else "adam", params)
 
   muon_branch = optax.chain(
-      scale_by_muon(logical_axes=logical_axes, mesh_axes=mesh_axes, exclude=exclude, beta=beta, nesterov=nesterov,
+      scale_by_muon(logical_axes=logical_axes, mesh_axes=mesh_axes, beta=beta, nesterov=nesterov,
                     coefficients=coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype, scale=scale, rms=rms,
                     normuon=normuon, normuon_b2=normuon_b2, diagnostics=diagnostics),
       optax.add_decayed_weights(weight_decay),
@@ -322,19 +321,22 @@ def _dtype(name: str):
   return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
 
 
+def _adam_lr(o: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Schedule:
+  ratio = o.muon.adam_lr_ratio
+  return lambda step: ratio * lr(step)
+
+
 @OPTIMIZERS.register("muon")
 def muon_from_config(o: ml_collections.ConfigDict, lr: optax.Schedule,
                      layout: ParamLayout | None) -> optax.GradientTransformation:
   """``optim.muon.*``; the AdamW branch uses ``b1``, ``b2``, ``eps``, ``weight_decay``
   and ``learning_rate * muon.adam_lr_ratio``."""
   mu = o.muon
-  ratio = mu.adam_lr_ratio
   return muon(lr, logical_axes=layout and layout.logical_axes, mesh_axes=layout and layout.mesh_axes,
               exclude=tuple(mu.exclude), beta=mu.momentum, nesterov=mu.nesterov, coefficients=mu.coefficients,
               ns_steps=mu.ns_steps, ns_dtype=_dtype(mu.ns_dtype), scale=mu.scale, rms=mu.rms,
               weight_decay=o.weight_decay, normuon=mu.normuon, normuon_b2=o.b2,
-              adam_learning_rate=lr if ratio == 1.0 else (lambda step: ratio * lr(step)),
-              adam_b1=o.b1, adam_b2=o.b2, adam_eps=o.eps)
+              adam_learning_rate=_adam_lr(o, lr), adam_b1=o.b1, adam_b2=o.b2, adam_eps=o.eps)
 
 
 @OPTIMIZERS.register("optax_muon")
@@ -343,7 +345,6 @@ def optax_muon_from_config(o: ml_collections.ConfigDict, lr: optax.Schedule,
   """``optax.contrib.muon`` as a peer baseline, on the same matrices as ``muon``
   (our classification as its dimension numbers), quintic coefficients, float32."""
   mu = o.muon
-  ratio = mu.adam_lr_ratio
 
   def dimension_numbers(params):
     specs = matrix_specs(params, layout and layout.logical_axes, tuple(mu.exclude))
@@ -354,6 +355,5 @@ def optax_muon_from_config(o: ml_collections.ConfigDict, lr: optax.Schedule,
   return optax.contrib.muon(
       lr, ns_steps=mu.ns_steps, beta=mu.momentum, nesterov=mu.nesterov, weight_decay=o.weight_decay,
       adam_b1=o.b1, adam_b2=o.b2, adam_weight_decay=o.weight_decay,
-      adam_learning_rate=lr if ratio == 1.0 else (lambda step: ratio * lr(step)),
-      muon_weight_dimension_numbers=dimension_numbers,
+      adam_learning_rate=_adam_lr(o, lr), muon_weight_dimension_numbers=dimension_numbers,
       consistent_rms=mu.rms if mu.scale == "moonlight" else None)

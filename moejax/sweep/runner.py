@@ -29,9 +29,14 @@ log = logging.getLogger(__name__)
 RESULT = "result.json"
 
 
-def _train_one(cfg_dict: dict, run_dir: str, overrides: dict) -> dict:
+def _train_one(cfg_dict: dict, run_dir: str, overrides: dict, cache_dir: str | None = None) -> dict:
   """Trains one run (also in a worker process); returns what goes in result.json."""
+  import jax
+
   from moejax.train import NonFiniteError, train
+
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
 
   cfg = ml_collections.ConfigDict(cfg_dict)
   outcome: dict[str, Any] = {"overrides": overrides, "config": json.loads(config_lib.to_json(cfg)),
@@ -66,14 +71,15 @@ def _execute(runs: list[Run], cfgs: dict[str, ml_collections.ConfigDict], overri
       continue
     os.makedirs(run_dir, exist_ok=True)
     todo.append((run, run_dir))
-  for i, (run, run_dir) in enumerate(todo):
-    log.info("sweep: run %d/%d: %s", i + 1, len(todo), run.name)
   if parallel <= 1:
-    for run, run_dir in todo:
+    for i, (run, run_dir) in enumerate(todo):
+      log.info("sweep: run %d/%d: %s", i + 1, len(todo), run.name)
       _train_one(cfgs[run.name].to_dict(), run_dir, overrides[run.name])
     return
+  log.info("sweep: %d runs, %d at a time: %s", len(todo), parallel, ", ".join(r.name for r, _ in todo))
   with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-    futures = [pool.submit(_train_one, cfgs[run.name].to_dict(), run_dir, overrides[run.name])
+    cache_dir = _share_compilations(workdir)
+    futures = [pool.submit(_train_one, cfgs[run.name].to_dict(), run_dir, overrides[run.name], cache_dir)
                for run, run_dir in todo]
     for future in concurrent.futures.as_completed(futures):
       future.result()
@@ -109,6 +115,16 @@ def _plan(runs: list[Run], sweep: Sweep, base_cfg, base_steps: int | None = None
   return cfgs, overrides
 
 
+def _share_compilations(workdir: str) -> str:
+  """Runs differing only in their seed compile to the same programs: a persistent
+  compilation cache in the workdir (unless one is configured) compiles them once."""
+  import jax
+
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
+  return jax.config.jax_compilation_cache_dir
+
+
 def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sweep | str, workdir: str, parallel: int = 1,
               command: str = "") -> Comparison:
   """Runs (or resumes) the sweep in ``workdir`` and writes results.csv, results.md, plots.
@@ -117,6 +133,7 @@ def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sweep | str, workdir: 
   """
   sweep = load_sweep(sweep) if isinstance(sweep, str) else sweep
   os.makedirs(workdir, exist_ok=True)
+  _share_compilations(workdir)
   runs = main_runs(sweep)
   cfgs, overrides = _plan(runs, sweep, base_cfg)
   budgets = {(c.train.steps, tokens_per_step(c)) for c in cfgs.values()}

@@ -171,3 +171,25 @@ def test_normuon_against_reference():
     normed = o / (np.sqrt(v) + 1e-8)
     normed *= np.linalg.norm(o) / np.linalg.norm(normed)
     np.testing.assert_allclose(u["w_o"], -lr * normed, rtol=1e-4, atol=1e-6)
+
+
+def test_muon_state_round_trips_through_a_checkpoint(tmp_path, devices):
+  """MuonState (momentum, NorMuon moments, diagnostics) inside optax.partition's masked
+  states saves and restores with the trainer's Checkpointer."""
+  from moejax.checkpoint import Checkpointer
+  from moejax.train import Experiment
+  from tests.test_train import small_train_cfg
+
+  cfg = small_train_cfg()
+  cfg.model.update(num_layers=1, d_model=32, ffn_dim=64)
+  cfg.optim.name = "muon"
+  cfg.optim.muon.normuon = True
+  exp = Experiment(cfg, devices[:1])
+  leaves, treedef = jax.tree.flatten(exp.abstract_state)
+  state = treedef.unflatten([np.full(s.shape, i, s.dtype) for i, s in enumerate(leaves)])
+  ckpt = Checkpointer(str(tmp_path), keep=1, async_save=False)
+  ckpt.save(3, state)
+  step, restored = ckpt.restore_latest(exp.abstract_state)
+  ckpt.close()
+  assert step == 3
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))

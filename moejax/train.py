@@ -191,6 +191,17 @@ def make_eval_step(model: nn.Module, loss_chunk: int) -> Callable[[TrainState, B
   return eval_step
 
 
+def _shaped_boxes(opt_state):
+  """Optimizer states built by mapping over boxed parameters carry the
+  parameter's axis names (so they shard like it); a state of another rank
+  (Adafactor's factored moments) drops them and is replicated."""
+  def fit(x):
+    mismatched = isinstance(x, nn.LogicallyPartitioned) and jnp.ndim(x.value) != len(x.names)
+    return x.value if mismatched else x
+
+  return jax.tree.map(fit, opt_state, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 class Experiment:
   """The model, optimizer, mesh and jitted steps for one config.
 
@@ -231,7 +242,7 @@ class Experiment:
 
   def _boxed_init(self, rng) -> TrainState:
     params, variables = self._boxed_variables(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=_shaped_boxes(self.tx.init(params)),
                       model_state=variables, nonfinite_steps=jnp.zeros((), jnp.int32))
 
   @contextlib.contextmanager

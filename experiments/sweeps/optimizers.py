@@ -17,10 +17,10 @@ from moejax.sweep import Arm, Sweep
 def get_sweep():
   return Sweep(
       arms={
-          "adamw": Arm({"optim.name": "adamw"}, {"optim.learning_rate": [1e-3, 3e-3, 1e-2]}),
+          "adamw": Arm({"optim.name": "adamw"}, {"optim.learning_rate": [3e-4, 1e-3, 3e-3]}),
           "muon": Arm({"optim.name": "muon", "optim.muon.ns_dtype": "float32"},
                       {"optim.learning_rate": [3e-3, 1e-2, 3e-2]}),
-          "lion": Arm({"optim.name": "lion"}, {"optim.learning_rate": [1e-4, 3e-4, 1e-3]}),
+          "lion": Arm({"optim.name": "lion"}, {"optim.learning_rate": [3e-4, 1e-3, 3e-3]}),
           "adafactor": Arm({"optim.name": "adafactor"}, {"optim.learning_rate": [1e-3, 3e-3, 1e-2]}),
       },
       common={

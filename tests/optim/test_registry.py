@@ -55,3 +55,23 @@ def test_schedules():
   cosine = values["cosine"]
   np.testing.assert_allclose(cosine[[0, 1, 2, 6]], [0, 0.5, 1, 0.1], atol=1e-6)
   np.testing.assert_allclose(cosine[3], 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 40 / 90)), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS.names()))
+def test_every_optimizer_traces_in_the_trainer(name, devices):
+  """Init (optimizer states sharded like their parameters, or replicated when shaped
+  otherwise) and the train step (extra update arguments) trace for every optimizer."""
+  import flax.linen as nn
+
+  from moejax.train import Experiment
+  from tests.test_train import small_train_cfg
+
+  cfg = small_train_cfg()
+  cfg.model.update(num_layers=1, d_model=32, ffn_dim=64)
+  cfg.optim.name = name
+  exp = Experiment(cfg, devices[:1])
+  batch = next(exp.data_iterator("train"))
+  with exp._context():
+    state = jax.eval_shape(lambda: nn.meta.unbox(exp._boxed_init(jax.random.key(0))))
+    _, metrics = jax.eval_shape(exp._train_step, state, batch)
+  assert {"loss", "grad_norm", "layer_0/update_rms"} <= metrics.keys()

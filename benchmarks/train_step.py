@@ -13,7 +13,6 @@ import time
 import jax
 
 from moejax.config import load_config
-from moejax.sweep.spec import set_field
 from moejax.train import Experiment
 
 VARIANTS = {
@@ -26,11 +25,11 @@ VARIANTS = {
 
 
 def time_variant(config: str, overrides: dict, steps: int) -> float:
-  """Median seconds per train step of ``config`` with dotted-field ``overrides``, one device."""
   cfg = load_config(config)
   with cfg.unlocked():
     for dotted, value in overrides.items():
-      set_field(cfg, dotted, value)
+      section, field = dotted.split(".")
+      cfg[section][field] = value
   exp = Experiment(cfg, jax.devices()[:1])
   state, data = exp.init_state(), exp.data_iterator("train")
   batches = [next(data) for _ in range(steps + 2)]

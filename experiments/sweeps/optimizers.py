@@ -5,7 +5,7 @@
 On the embedded stdlib text (byte-level): a 2-layer d=128 model, 200 steps of
 8 x 128 tokens (cosine schedule, 20 warm-up steps), validation every 20 steps
 on the same 4 held-out batches. Every arm gets 3 learning rates x 2 seeds;
-AdamW's best trial also runs at 0.5x and 2x the steps for the D_eff fit.
+AdamW's best trial also runs at 0.5x, 2x and 4x the steps for the D_eff fit.
 About 30 CPU-minutes on 2 cores. Results: experiments/optimizer_ablation.md.
 Muon's Newton-Schulz runs in float32 here (bfloat16 matmuls are emulated,
 hence slower, on CPU; use the bfloat16 default on GPU/TPU).
@@ -31,5 +31,5 @@ def get_sweep():
       },
       seeds=(0, 1),
       baseline="adamw",
-      budgets=(0.5, 2.0),
+      budgets=(0.5, 2.0, 4.0),
   )

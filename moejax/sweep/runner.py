@@ -10,6 +10,7 @@ inf) and the sweep goes on. Runs go sequentially in this process, or
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import math
@@ -78,7 +79,9 @@ def _execute(runs: list[Run], cfgs: dict[str, ml_collections.ConfigDict], overri
     return
   log.info("sweep: %d runs, %d at a time: %s", len(todo), parallel, ", ".join(r.name for r, _ in todo))
   with concurrent.futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-    cache_dir = _share_compilations(workdir)
+    import jax
+
+    cache_dir = jax.config.jax_compilation_cache_dir
     futures = [pool.submit(_train_one, cfgs[run.name].to_dict(), run_dir, overrides[run.name], cache_dir)
                for run, run_dir in todo]
     for future in concurrent.futures.as_completed(futures):
@@ -115,14 +118,21 @@ def _plan(runs: list[Run], sweep: Sweep, base_cfg, base_steps: int | None = None
   return cfgs, overrides
 
 
-def _share_compilations(workdir: str) -> str:
+@contextlib.contextmanager
+def _shared_compilations(workdir: str):
   """Runs differing only in their seed compile to the same programs: a persistent
-  compilation cache in the workdir (unless one is configured) compiles them once."""
+  compilation cache in the workdir (unless one is configured) compiles them once.
+  JAX reads the setting at its first compilation, so it helps a fresh process
+  (the CLI, --parallel workers); the previous value is restored afterwards."""
   import jax
 
-  if not jax.config.jax_compilation_cache_dir:
+  before = jax.config.jax_compilation_cache_dir
+  if not before:
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
-  return jax.config.jax_compilation_cache_dir
+  try:
+    yield jax.config.jax_compilation_cache_dir
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sweep | str, workdir: str, parallel: int = 1,
@@ -133,7 +143,11 @@ def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sweep | str, workdir: 
   """
   sweep = load_sweep(sweep) if isinstance(sweep, str) else sweep
   os.makedirs(workdir, exist_ok=True)
-  _share_compilations(workdir)
+  with _shared_compilations(workdir):
+    return _run(base_cfg, sweep, workdir, parallel, command)
+
+
+def _run(base_cfg, sweep: Sweep, workdir: str, parallel: int, command: str) -> Comparison:
   runs = main_runs(sweep)
   cfgs, overrides = _plan(runs, sweep, base_cfg)
   budgets = {(c.train.steps, tokens_per_step(c)) for c in cfgs.values()}

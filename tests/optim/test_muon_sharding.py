@@ -46,7 +46,7 @@ class SoftExperts(nn.Module):
 
 def _muon_cfg():
   cfg = small_train_cfg()
-  cfg.model.update(mlp_types=("dense", "soft_experts_for_tests"), d_model=32, ffn_dim=64)
+  cfg.model.update(num_layers=1, mlp_types=("soft_experts_for_tests",), d_model=32, ffn_dim=64)
   cfg.data.update(seq_len=32, task_length=16)
   cfg.optim.update(name="muon", learning_rate=1e-2)
   cfg.optim.muon.ns_dtype = "float32"
@@ -74,7 +74,7 @@ def test_sharded_muon_equals_single_device(devices, single_device_result, mesh):
   cfg.mesh.update(mesh)
   params, metrics = _params_after(cfg, devices)
   chex.assert_trees_all_close(params, single_device_result[0], rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(metrics["layer_1/ns_error"], single_device_result[1]["layer_1/ns_error"], rtol=1e-4)
+  np.testing.assert_allclose(metrics["layer_0/ns_error"], single_device_result[1]["layer_0/ns_error"], rtol=1e-4)
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
@@ -87,11 +87,11 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
 
 
 def _compiled_expert_update(devices, mesh, diagnostics):
-  """The compiled Muon update of layer_1's expert stacks, laid out as the Experiment lays them."""
+  """The compiled Muon update of the expert stacks, laid out as the Experiment lays them."""
   cfg = _muon_cfg()
   cfg.mesh.update(mesh)
   exp = Experiment(cfg, devices)
-  pick = lambda tree: {k: v for k, v in tree["layer_1"]["mlp"].items() if k != "router"}
+  pick = lambda tree: {k: v for k, v in tree["layer_0"]["mlp"].items() if k != "router"}
   params = pick(exp.abstract_state.params)
   shardings = pick(exp.state_shardings.params)
   tx = scale_by_muon(logical_axes=pick(exp.layout.logical_axes), mesh_axes=pick(exp.layout.mesh_axes),

@@ -4,8 +4,8 @@
 
 Presets: ``tiny`` (configs/tiny.py, 0.9M params, 16 x 256 tokens), ``medium``
 (6 layers, d=384, ~10M params, 8 x 256; CPU-feasible), ``small``
-(configs/small.py, ~126M params, 8 x 2048, bf16; the GPU target: Muon <=
-1.15x AdamW). All variants are compiled first, then timed *interleaved*
+(configs/small.py, ~126M params, its 64 x 2048 tokens in 4 micro-batches,
+bf16; the GPU target: Muon <= 1.15x AdamW). All variants are compiled first, then timed *interleaved*
 (one step of each variant per round, the order rotating), so load from
 other jobs on a shared machine hits every variant alike; medians over
 rounds, ratios to AdamW's. Two numbers per variant: the whole train step,
@@ -26,7 +26,7 @@ PRESETS = {
     "tiny": ("configs/tiny.py", {}),
     "medium": ("configs/tiny.py", {"model.num_layers": 6, "model.d_model": 384, "model.num_heads": 6,
                                    "model.num_kv_heads": 2, "model.ffn_dim": 1024, "train.batch_size": 8}),
-    "small": ("configs/small.py", {"train.batch_size": 8, "mesh.fsdp": 1}),
+    "small": ("configs/small.py", {"train.grad_accum_steps": 4}),
 }
 
 VARIANTS = {

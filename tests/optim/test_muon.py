@@ -71,8 +71,8 @@ def test_embeddings_and_lm_head_get_adamw_updates(tie):
   import flax.linen as nn
 
   model = build_model(tiny_model_cfg(num_layers=1, tie_embeddings=tie))
-  boxed = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  params, axes = nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  params, axes = jax.tree.map(lambda p: _randn(p.shape, 0), nn.meta.unbox(boxed)), nn.get_partition_spec(boxed)
   grads = jax.tree.map(lambda p: _randn(p.shape, p.size), params)
   ours = muon(1e-2, logical_axes=axes, **F32)
   adamw = optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=lambda t: jax.tree.map(

@@ -1,4 +1,7 @@
-"""`moejax sweep` from a fresh workdir: runs, table, plots; a second call trains nothing."""
+"""`moejax sweep` from a fresh workdir: runs, table, plots; a second call trains nothing.
+
+Runs train on one of the 8 forced host devices (compiling for 8 costs more
+than this test is about)."""
 
 import csv
 
@@ -21,7 +24,11 @@ def get_sweep():
 
 
 @pytest.mark.slow
-def test_two_by_one_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+def test_two_by_one_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys, devices):
+  import moejax.train
+
+  real_train = moejax.train.train
+  monkeypatch.setattr(moejax.train, "train", lambda cfg, workdir: real_train(cfg, workdir, devices[:1]))
   sweep_file, workdir = tmp_path / "two.py", tmp_path / "sweep"
   sweep_file.write_text(SWEEP)
   argv = ["sweep", "--config", "configs/tiny.py:copy", "--sweep", str(sweep_file), "--workdir", str(workdir),
@@ -36,8 +43,6 @@ def test_two_by_one_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
   for png in ["loss_vs_steps.png", "loss_vs_tokens.png", "loss_vs_wall_time.png", "final_loss_vs_trial.png"]:
     assert (workdir / png).stat().st_size > 1000
   assert "# Sweep results" in capsys.readouterr().out
-
-  import moejax.train
 
   monkeypatch.setattr(moejax.train, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
   assert cli.main(argv) == 0

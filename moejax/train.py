@@ -31,7 +31,7 @@ from moejax.metrics import MetricsWriter
 from moejax.models import build_model
 from moejax.models.state import update_model_state
 from moejax.optim import ParamLayout, build_optimizer, optimizer_metrics
-from moejax.optim.muon import layer_name, path_str
+from moejax.optim.registry import layer_name, path_str
 from moejax.preemption import StopRequests
 from moejax.sharding import LOGICAL_RULES, batch_sharding, logical_sharding, make_mesh, put_batch
 
@@ -196,7 +196,8 @@ def _shaped_boxes(opt_state):
   parameter's axis names (so they shard like it); a state of another rank
   (Adafactor's factored moments) drops them and is replicated."""
   def fit(x):
-    mismatched = isinstance(x, nn.LogicallyPartitioned) and jnp.ndim(x.value) != len(x.names)
+    mismatched = (isinstance(x, nn.LogicallyPartitioned) and hasattr(x.value, "ndim")
+                  and x.value.ndim != len(x.names))
     return x.value if mismatched else x
 
   return jax.tree.map(fit, opt_state, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

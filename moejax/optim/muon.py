@@ -39,7 +39,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from moejax.optim.newton_schulz import newton_schulz, orthogonality_error
-from moejax.optim.registry import OPTIMIZERS, ParamLayout, weight_decay_mask
+from moejax.optim.registry import OPTIMIZERS, ParamLayout, by_path, layer_name, path_str, weight_decay_mask
 
 # Logical axes along which a stack holds independent matrices (one per expert).
 BATCH_AXES = ("expert",)
@@ -75,28 +75,6 @@ class MatrixSpec:
     return jnp.transpose(y, tuple(order.index(a) for a in range(len(shape))))
 
 
-def path_str(path) -> str:
-  """'layer_0/attention/w_q' from a key path (box and NamedTuple fields skipped)."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-  return "/".join(parts)
-
-
-def by_path(tree) -> dict[str, Any]:
-  """{path: leaf} of a tree whose leaves are tuples (axis names, PartitionSpecs) or None.
-
-  A flat dict keyed by path ("layer_0/mlp/w_up") gives the same table.
-  """
-  if tree is None:
-    return {}
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or isinstance(x, tuple))[0]
-  return {path_str(p): leaf for p, leaf in flat}
-
-
 def classify(path: str, shape: Sequence[int], axes: Sequence[str | None] | None,
              exclude: Sequence[str] = DEFAULT_EXCLUDE) -> MatrixSpec | None:
   """The matrix view of a parameter, or None if it belongs to AdamW.
@@ -129,11 +107,6 @@ def matrix_specs(params, logical_axes=None, exclude: Sequence[str] = DEFAULT_EXC
   axes = by_path(logical_axes)
   return {path_str(p): classify(path_str(p), leaf.shape, axes.get(path_str(p)), exclude)
           for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def layer_name(path: str) -> str:
-  """Diagnostics are per top-level module: 'layer_3/mlp/w_up' -> 'layer_3'."""
-  return path.split("/")[0]
 
 
 class MuonState(NamedTuple):

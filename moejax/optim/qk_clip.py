@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moejax.optim.muon import by_path, path_str
+from moejax.optim.registry import by_path, path_str
 
 
 def clip_factors(max_logit_H: jax.Array, tau: float, num_kv_heads: int) -> tuple[jax.Array, jax.Array]:

@@ -27,6 +27,33 @@ class ParamLayout(NamedTuple):
   mesh_axes: Any     # the parameters' mesh PartitionSpecs, e.g. P('fsdp', 'tensor', None)
 
 
+def path_str(path) -> str:
+  """'layer_0/attention/w_q' from a key path (box and NamedTuple fields skipped)."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+  return "/".join(parts)
+
+
+def by_path(tree) -> dict[str, Any]:
+  """{path: leaf} of a tree whose leaves are tuples (axis names, PartitionSpecs) or None.
+
+  A flat dict keyed by path ("layer_0/mlp/w_up") gives the same table.
+  """
+  if tree is None:
+    return {}
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or isinstance(x, tuple))[0]
+  return {path_str(p): leaf for p, leaf in flat}
+
+
+def layer_name(path: str) -> str:
+  """Diagnostics are per top-level module: 'layer_3/mlp/w_up' -> 'layer_3'."""
+  return path.split("/")[0]
+
+
 def weight_decay_mask(params):
   """Decay matrices only: norms, biases and other 1-D leaves are exempt."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)

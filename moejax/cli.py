@@ -2,6 +2,7 @@
 
   moejax train --config configs/tiny.py --workdir workdirs/tiny --config.train.steps=200
   moejax eval  --config configs/tiny.py --workdir workdirs/tiny
+  moejax sweep --config configs/tiny.py --sweep experiments/sweeps/optimizers.py
 
 Config overrides use ml-collections' dotted flags; an unknown or ill-typed
 field is an error. All logic lives in the library (``moejax.train``).
@@ -10,6 +11,7 @@ field is an error. All logic lives in the library (``moejax.train``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -26,6 +28,9 @@ commands:
           with --task passkey|needle|needle_multi|mqar|perplexity [--lengths 256,1024]
           [--depths 0,0.5,1] [--samples 8]: a depth x length table and heatmap in
           WORKDIR/evals/
+  sweep   --sweep FILE [--parallel N]: train every run of a sweep (arms x trials x
+          seeds, resumable) under --workdir (default workdirs/sweep-<FILE name>) and
+          write results.csv, results.md and plots comparing the arms
 """
 
 
@@ -111,7 +116,30 @@ def cmd_eval(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+def _sweep_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("sweep", None, "sweep file, e.g. experiments/sweeps/optimizers.py", flag_values=fv)
+  flags.DEFINE_integer("parallel", 1, "runs at a time, each in its own process", flag_values=fv)
+
+
+def cmd_sweep(argv: list[str]) -> int:
+  from moejax.sweep import run_sweep
+
+  cfg, _, fv = _parse("sweep", argv, _sweep_flags)
+  if not fv["sweep"].value:
+    raise flags.Error("--sweep is required, e.g. --sweep experiments/sweeps/optimizers.py")
+  name = os.path.splitext(os.path.basename(fv["sweep"].value))[0]
+  workdir = fv["workdir"].value or os.path.join("workdirs", f"sweep-{name}")
+  progress = logging.getLogger("moejax.sweep")
+  progress.addHandler(logging.StreamHandler())
+  progress.setLevel(logging.INFO)
+  progress.propagate = False
+  run_sweep(cfg, fv["sweep"].value, workdir, fv["parallel"].value, command="moejax sweep " + " ".join(argv))
+  with open(os.path.join(workdir, "results.md")) as f:
+    print(f.read())
+  return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 
 def base_config() -> ml_collections.ConfigDict:
   """All fields with their defaults (a small dense byte-level LM on stdlib)."""
+  from moejax.optim.muon import DEFAULT_EXCLUDE
+
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -132,6 +134,24 @@ def base_config() -> ml_collections.ConfigDict:
       b2=0.95,
       eps=1e-8,
       grad_clip_norm=1.0,      # 0: no clipping
+      qk_clip_tau=0.0,         # > 0: QK-clip (Kimi K2) heads whose max logit exceeds this; needs
+                               # model.attention.track_max_logit
+      qk_clip_params=("w_q", "w_k"),  # the (query, key) projection names in an attention module
+  ))
+  # name="muon" / "optax_muon" (moejax/optim/muon.py). The AdamW branch (embeddings, LM head,
+  # norms, routers, ...) uses b1, b2, eps, weight_decay above.
+  c.optim.muon = ml_collections.ConfigDict(dict(
+      momentum=0.95,
+      nesterov=True,
+      coefficients="quintic",  # quintic (Keller Jordan) | polar_express (Amsel et al., 2025)
+      ns_steps=5,
+      ns_dtype="bfloat16",     # bfloat16 | float32: precision of the Newton-Schulz iteration
+      scale="moonlight",       # moonlight: rms * sqrt(max(in, out)) | keller: sqrt(max(1, out / in))
+      rms=0.2,                 # moonlight's target update RMS (AdamW's), so lr / wd transfer
+      normuon=False,           # NorMuon: per-neuron second moment (decay b2) after orthogonalization
+      adam_lr_ratio=1.0,       # AdamW branch learning rate = this * learning_rate
+      exclude=DEFAULT_EXCLUDE, # path regexes sent to AdamW (besides vocab-axis and 1-D leaves):
+                               # routers, hyper-connections, embeddings/heads by name
   ))
 
   # Multi-process runs (moejax/distributed.py): explicit, or auto-detected by JAX.
@@ -320,6 +340,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _check(e, 0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1].")
   _check(e, 0.0 <= o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction} must be in [0, 1].")
   _check(e, o.grad_clip_norm >= 0, f"optim.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0 disables).")
+  _validate_muon(e, cfg)
 
   if dist.coordinator_address:
     _check(e, dist.num_processes >= 1, f"distributed.num_processes={dist.num_processes} must be >= 1.")
@@ -503,6 +524,36 @@ def _validate_attention(m: ml_collections.ConfigDict, e: list[str]) -> None:
       _check(e, index_rope[t] <= a.index_head_dim and index_rope[t] % 2 == 0,
              f"{w}.index_head_dim={a.index_head_dim} is smaller than the {index_rope[t]} rope channels the "
              f"{t} indexer rotates; raise index_head_dim.")
+def _validate_muon(e: list[str], cfg: ml_collections.ConfigDict) -> None:
+  """``optim.muon.*`` and QK-clip fields."""
+  import re
+
+  from moejax.optim.muon import SCALES
+  from moejax.optim.newton_schulz import COEFFICIENTS
+
+  o, mu = cfg.optim, cfg.optim.muon
+  for field in ("b1", "b2"):
+    _check(e, 0.0 <= o[field] < 1.0, f"optim.{field}={o[field]} must be in [0, 1).")
+  _check(e, 0.0 <= mu.momentum < 1.0, f"optim.muon.momentum={mu.momentum} must be in [0, 1).")
+  _check(e, mu.coefficients in COEFFICIENTS,
+         f"optim.muon.coefficients={mu.coefficients!r} is unknown; known: {', '.join(sorted(COEFFICIENTS))}.")
+  _check(e, mu.ns_steps >= 1, f"optim.muon.ns_steps={mu.ns_steps} must be >= 1 (5 is standard).")
+  _check(e, mu.ns_dtype in ("bfloat16", "float32"),
+         f"optim.muon.ns_dtype={mu.ns_dtype!r} must be 'bfloat16' or 'float32'.")
+  _check(e, mu.scale in SCALES, f"optim.muon.scale={mu.scale!r} is not one of {SCALES}.")
+  _check(e, mu.rms > 0, f"optim.muon.rms={mu.rms} must be > 0 (0.2 matches AdamW's update RMS).")
+  _check(e, mu.adam_lr_ratio > 0, f"optim.muon.adam_lr_ratio={mu.adam_lr_ratio} must be > 0.")
+  for pattern in mu.exclude:
+    try:
+      re.compile(pattern)
+    except re.error as err:
+      e.append(f"optim.muon.exclude: {pattern!r} is not a regular expression ({err}); fix or remove it.")
+  _check(e, o.qk_clip_tau >= 0, f"optim.qk_clip_tau={o.qk_clip_tau} must be >= 0 (0 disables QK-clip).")
+  _check(e, len(o.qk_clip_params) == 2,
+         f"optim.qk_clip_params={tuple(o.qk_clip_params)} must name two parameters: (query, key).")
+  _check(e, o.qk_clip_tau == 0 or cfg.model.attention.track_max_logit,
+         f"optim.qk_clip_tau={o.qk_clip_tau} needs the attention layers' max logits; set "
+         "--config.model.attention.track_max_logit=True (or qk_clip_tau=0).")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -65,6 +65,8 @@ def logical_sharding(mesh: Mesh, boxed_tree):
   leaves = nn.meta.unbox(boxed_tree)
 
   def fit(spec: P, leaf) -> NamedSharding:
+    if not hasattr(leaf, "shape"):  # an empty node read as a leaf (optax's MaskedNode): no arrays
+      return leaf
     dims = []
     for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
       names = axes if isinstance(axes, tuple) else (axes,)

@@ -32,7 +32,8 @@ from moejax.metrics import MetricsWriter
 from moejax.models import build_model
 from moejax.models.mtp import mtp_targets
 from moejax.models.state import update_model_state
-from moejax.optim import build_optimizer
+from moejax.optim import ParamLayout, build_optimizer, optimizer_metrics
+from moejax.optim.registry import layer_name, path_str
 from moejax.preemption import StopRequests
 from moejax.sharding import LOGICAL_RULES, batch_sharding, logical_sharding, make_mesh, put_batch
 
@@ -49,7 +50,10 @@ class TrainState:
   nonfinite_steps: jax.Array  # updates skipped because the loss or a gradient was NaN/Inf
 
 
-SOWN = ("aux_loss", "stats", "metrics")
+# Sown collections: aux_loss (added to the loss), stats (summed over micro-batches, for
+# moejax/models/state.py), metrics (logged), max_stats (maxed over micro-batches; attention's
+# "max_logit" [H] feeds QK-clip and is logged per layer).
+SOWN = ("aux_loss", "stats", "metrics", "max_stats")
 
 
 class Forward(NamedTuple):
@@ -62,6 +66,7 @@ class Forward(NamedTuple):
   aux_loss: jax.Array     # sum of the sown auxiliary losses
   stats: dict             # for model-state updates (see moejax/models/state.py)
   metrics: dict           # scalars to log, named by module path
+  max_logits: dict        # {"layer_0/attention": float32 [H]} per-head max attention logit
 
 
 def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int) -> Forward:
@@ -77,7 +82,7 @@ def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: in
   mtp_ce_BxKxT = jnp.stack(mtp_ce, axis=1) if mtp_ce else jnp.zeros_like(mtp_w_BxKxT)
   aux = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("aux_loss", {}))), jnp.zeros((), jnp.float32))
   return Forward(ce_BxT, correct_BxT, mtp_ce_BxKxT, mtp_w_BxKxT, aux, dict(sown.get("stats", {})),
-                 _flat_metrics(sown.get("metrics", {})))
+                 _flat_metrics(sown.get("metrics", {})), _module_maxima(sown.get("max_stats", {})))
 
 
 def _flat_metrics(tree) -> dict[str, jax.Array]:
@@ -91,6 +96,26 @@ def _flat_metrics(tree) -> dict[str, jax.Array]:
     leaf = leaf.astype(jnp.float32)
     flat[name] = leaf if leaf.ndim == 1 else jnp.mean(leaf)
   return flat
+
+
+def _module_maxima(tree) -> dict[str, jax.Array]:
+  """{"layer_0/attention": max_H} from sown ``max_stats`` (max over repeated sows)."""
+  maxima: dict[str, jax.Array] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    module = path_str(path).rsplit("/", 2)[0]  # drop "max_logit/<sow index>"
+    leaf = leaf.astype(jnp.float32)
+    maxima[module] = jnp.maximum(maxima[module], leaf) if module in maxima else leaf
+  return maxima
+
+
+def _per_layer_rms(updates) -> dict[str, jax.Array]:
+  """{"layer_0/update_rms": RMS of the parameter change over that top-level module}."""
+  sums: dict[str, list] = {}
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    entry = sums.setdefault(f"{layer_name(path_str(path))}/update_rms", [0.0, 0])
+    entry[0] = entry[0] + jnp.sum(jnp.square(u.astype(jnp.float32)))
+    entry[1] += u.size
+  return {k: jnp.sqrt(total / count) for k, (total, count) in sums.items()}
 
 
 def _split_micro(batch: Batch, n: int) -> Batch:
@@ -123,20 +148,30 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
       mtp_sum_K = jnp.sum(out.mtp_ce_BxKxT * out.mtp_weights_BxKxT, axis=(0, 2))
       mtp_term = mtp.loss_weight / max(mtp.depth, 1) * jnp.sum(mtp_sum_K / mtp_total_weight_K)
       objective = ce_sum / total_weight + out.aux_loss / grad_accum_steps + mtp_term
-      return objective, (ce_sum, mtp_sum_K, out.aux_loss, out.stats, out.metrics)
+      return objective, ((ce_sum, mtp_sum_K, out.aux_loss, out.stats, out.metrics), out.max_logits)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     micros = _split_micro(batch, grad_accum_steps)
+    first_micro = jax.tree.map(lambda x: x[0], micros)
 
     def accumulate(carry, micro: Batch):
-      (_, sums), grads = grad_fn(state.params, micro)
-      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+      grads, sums, maxima = carry
+      (_, (micro_sums, micro_maxima)), micro_grads = grad_fn(state.params, micro)
+      return (jax.tree.map(jnp.add, grads, micro_grads), jax.tree.map(jnp.add, sums, micro_sums),
+              jax.tree.map(jnp.maximum, maxima, micro_maxima)), None
 
-    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micros))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
-    (grads, (ce_sum, mtp_sum_K, aux_sum, stats, layer_metrics)), _ = jax.lax.scan(accumulate, zeros, micros)
+    shapes = jax.eval_shape(grad_fn, state.params, first_micro)
+    (sum_shapes, max_shapes), grad_shapes = shapes[0][1], shapes[1]
+    init = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, sum_shapes))
+            + (jax.tree.map(lambda s: jnp.full(s.shape, -jnp.inf, s.dtype), max_shapes),))
+    (grads, (ce_sum, mtp_sum_K, aux_sum, stats, layer_metrics), max_logits), _ = jax.lax.scan(
+        accumulate, init, micros)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    def objective(params):
+      """~The first micro-batch's mean objective (Sophia's Hessian-vector products)."""
+      return grad_accum_steps * micro_loss(params, first_micro)[0]
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits, obj_fn=objective)
     params = optax.apply_updates(state.params, updates)
     model_state = update_model_state(state.model_state, stats, model.cfg)
     ce = ce_sum / total_weight
@@ -157,7 +192,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step),
                "tokens": total_weight, "finite": finite, "nonfinite_steps": nonfinite_steps,
                **{f"mtp_loss_{k + 1}": mtp_loss_K[k] for k in range(mtp.depth)},
-               **{k: v / grad_accum_steps for k, v in layer_metrics.items()}}
+               **{k: v / grad_accum_steps for k, v in layer_metrics.items()},
+               **_per_layer_rms(updates), **optimizer_metrics(opt_state),
+               **{f"{module}/max_logit": jnp.max(m_H) for module, m_H in max_logits.items()}}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state, nonfinite_steps=nonfinite_steps)
     return new_state, metrics
@@ -180,6 +217,18 @@ def make_eval_step(model: nn.Module, loss_chunk: int) -> Callable[[TrainState, B
   return eval_step
 
 
+def _shaped_boxes(opt_state):
+  """Optimizer states built by mapping over boxed parameters carry the
+  parameter's axis names (so they shard like it); a state of another rank
+  (Adafactor's factored moments) drops them and is replicated."""
+  def fit(x):
+    mismatched = (isinstance(x, nn.LogicallyPartitioned) and hasattr(x.value, "ndim")
+                  and x.value.ndim != len(x.names))
+    return x.value if mismatched else x
+
+  return jax.tree.map(fit, opt_state, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 class Experiment:
   """The model, optimizer, mesh and jitted steps for one config.
 
@@ -192,7 +241,10 @@ class Experiment:
     self.cfg = cfg
     self.mesh = make_mesh(cfg.mesh, devices)
     self.model = build_model(cfg.model)
-    self.tx, self.schedule = build_optimizer(cfg.optim, cfg.train.steps)
+    boxed_params = jax.eval_shape(self._boxed_variables, jax.random.key(0))[0]
+    self.layout = ParamLayout(nn.get_partition_spec(boxed_params),
+                              jax.tree.map(lambda s: s.spec, logical_sharding(self.mesh, boxed_params)))
+    self.tx, self.schedule = build_optimizer(cfg.optim, cfg.train.steps, self.layout)
 
     boxed = jax.eval_shape(self._boxed_init, jax.random.key(0))
     self.state_shardings = logical_sharding(self.mesh, boxed)
@@ -209,11 +261,15 @@ class Experiment:
         lambda params, model_state, batch: _forward(self.model, params, model_state, batch, cfg.train.loss_chunk)[:2],
         in_shardings=eval_shardings)
 
-  def _boxed_init(self, rng) -> TrainState:
+  def _boxed_variables(self, rng):
+    """(params, other variable collections), logically boxed."""
     dummy = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
     variables = {k: v for k, v in self.model.init(rng, dummy).items() if k not in SOWN}
-    params = variables.pop("params")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+    return variables.pop("params"), variables
+
+  def _boxed_init(self, rng) -> TrainState:
+    params, variables = self._boxed_variables(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=_shaped_boxes(self.tx.init(params)),
                       model_state=variables, nonfinite_steps=jnp.zeros((), jnp.int32))
 
   @contextlib.contextmanager

@@ -1,6 +1,14 @@
-"""The optimizer and schedule registries, with the built-in optax entries."""
+"""The optimizer and schedule registries, with the built-in optax entries.
+
+An optimizer entry is ``OPTIMIZERS[name](optim_cfg, schedule, layout) ->
+optax.GradientTransformation``; ``layout`` (a :class:`ParamLayout` or None)
+tells optimizers that care (Muon, QK-clip) each parameter's logical axis
+names and mesh PartitionSpec, matched by path.
+"""
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -10,6 +18,40 @@ from moejax.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULES = Registry("schedule")
+
+
+class ParamLayout(NamedTuple):
+  """Per-parameter metadata, as trees shaped like the params (or {path: value})."""
+
+  logical_axes: Any  # e.g. nn.get_partition_spec(boxed_params): P('embed', 'heads', 'head_dim')
+  mesh_axes: Any     # the parameters' mesh PartitionSpecs, e.g. P('fsdp', 'tensor', None)
+
+
+def path_str(path) -> str:
+  """'layer_0/attention/w_q' from a key path (box and NamedTuple fields skipped)."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+  return "/".join(parts)
+
+
+def by_path(tree) -> dict[str, Any]:
+  """{path: leaf} of a tree whose leaves are tuples (axis names, PartitionSpecs) or None.
+
+  A flat dict keyed by path ("layer_0/mlp/w_up") gives the same table.
+  """
+  if tree is None:
+    return {}
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or isinstance(x, tuple))[0]
+  return {path_str(p): leaf for p, leaf in flat}
+
+
+def layer_name(path: str) -> str:
+  """Diagnostics are per top-level module: 'layer_3/mlp/w_up' -> 'layer_3'."""
+  return path.split("/")[0]
 
 
 def weight_decay_mask(params):
@@ -47,32 +89,58 @@ def wsd(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(o: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+def adamw(o: ml_collections.ConfigDict, lr: optax.Schedule, layout=None) -> optax.GradientTransformation:
   return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                      mask=weight_decay_mask)
 
 
 @OPTIMIZERS.register("lion")
-def lion(o: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+def lion(o: ml_collections.ConfigDict, lr: optax.Schedule, layout=None) -> optax.GradientTransformation:
   return optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=weight_decay_mask)
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(o: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+def sgd(o: ml_collections.ConfigDict, lr: optax.Schedule, layout=None) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum ``b1`` and decoupled weight decay."""
   return optax.chain(optax.add_decayed_weights(o.weight_decay, weight_decay_mask),
                      optax.sgd(lr, momentum=o.b1, nesterov=True))
 
 
-def build_optimizer(o: ml_collections.ConfigDict, total_steps: int):
-  """(optax transformation with clipping, the schedule) for ``config.optim``.
+@OPTIMIZERS.register("adafactor")
+def adafactor(o: ml_collections.ConfigDict, lr: optax.Schedule, layout=None) -> optax.GradientTransformation:
+  """Adafactor (Shazeer & Stern, 2018): factored second moment (decay 0.8, the
+  paper's), update clipped to block RMS 1, momentum ``b1``, then decoupled
+  weight decay and the learning rate as in AdamW (no parameter-scale step)."""
+  return optax.chain(optax.scale_by_factored_rms(decay_rate=0.8), optax.clip_by_block_rms(1.0),
+                     optax.ema(o.b1, debias=False), optax.add_decayed_weights(o.weight_decay, weight_decay_mask),
+                     optax.scale_by_learning_rate(lr))
 
-  Warm-up is capped at ``total_steps``, so short smoke runs stay valid.
+
+@OPTIMIZERS.register("sophia")
+def sophia(o: ml_collections.ConfigDict, lr: optax.Schedule, layout=None) -> optax.GradientTransformation:
+  """Sophia-H (Liu et al., 2023), optax.contrib's: a diagonal-Hessian (second-order)
+  preconditioner from Hutchinson's estimator every 10 steps (needs the extra
+  argument ``obj_fn``, which the trainer passes), momentum ``b1``, Hessian EMA
+  0.99, gamma 0.01, per-coordinate clip 1; decoupled weight decay."""
+  return optax.contrib.sophia(lr, b1=o.b1, b2=0.99, weight_decay=o.weight_decay,
+                              weight_decay_mask=weight_decay_mask)
+
+
+def build_optimizer(o: ml_collections.ConfigDict, total_steps: int, layout: ParamLayout | None = None):
+  """(optax transformation with clipping and QK-clip, the schedule) for ``config.optim``.
+
+  Warm-up is capped at ``total_steps``, so short smoke runs stay valid. The
+  transformation accepts the extra ``update`` arguments ``max_logits``
+  (QK-clip) and ``obj_fn`` (Sophia); others ignore them.
   """
+  from moejax.optim.qk_clip import qk_clip
+
   o = ml_collections.ConfigDict(o.to_dict())
   o.warmup_steps = min(o.warmup_steps, total_steps)
   schedule = SCHEDULES.get(o.schedule)(o, total_steps)
-  tx = OPTIMIZERS.get(o.name)(o, schedule)
+  tx = OPTIMIZERS.get(o.name)(o, schedule, layout)
   if o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
-  return tx, schedule
+  if o.qk_clip_tau > 0:
+    tx = optax.chain(tx, qk_clip(o.qk_clip_tau, layout and layout.logical_axes, tuple(o.qk_clip_params)))
+  return optax.with_extra_args_support(tx), schedule

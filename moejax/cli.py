@@ -3,6 +3,7 @@
   moejax train --config configs/tiny.py --workdir workdirs/tiny --config.train.steps=200
   moejax eval  --config configs/tiny.py --workdir workdirs/tiny
   moejax sweep --config configs/tiny.py --sweep experiments/sweeps/optimizers.py
+  moejax distill --config configs/distill_tiny.py --workdir workdirs/distill_tiny
 
 Config overrides use ml-collections' dotted flags; an unknown or ill-typed
 field is an error. All logic lives in the library (``moejax.train``).
@@ -28,6 +29,9 @@ commands:
           with --task passkey|needle|needle_multi|mqar|perplexity [--lengths 256,1024]
           [--depths 0,0.5,1] [--samples 8]: a depth x length table and heatmap in
           WORKDIR/evals/
+  distill train each domain's specialist (resumable), then distill them into the
+          student over the full vocabulary; leaves teachers/<domain>/, the student's
+          checkpoints and metrics.jsonl, and distill_report.md in --workdir
   sweep   --sweep FILE [--parallel N]: train every run of a sweep (arms x trials x
           seeds, resumable) under --workdir (default workdirs/sweep-<FILE name>) and
           write results.csv, results.md and plots comparing the arms
@@ -85,6 +89,19 @@ def cmd_train(argv: list[str]) -> int:
   return 0
 
 
+def cmd_distill(argv: list[str]) -> int:
+  from moejax.config import validate
+  from moejax.distill.run import run_distill
+
+  cfg, workdir, _ = _parse("distill", argv)
+  validate(cfg)
+  print(f"moejax distill: workdir {workdir}", file=sys.stderr)
+  run_distill(cfg, workdir)
+  with open(os.path.join(workdir, "distill_report.md")) as f:
+    print(f.read())
+  return 0
+
+
 def _eval_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("task", None, "long-context task: passkey, needle, needle_multi, mqar or "
                       "perplexity (default: validation loss)", flag_values=fv)
@@ -139,7 +156,7 @@ def cmd_sweep(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "distill": cmd_distill, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

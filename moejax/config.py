@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 
 def base_config() -> ml_collections.ConfigDict:
   """All fields with their defaults (a small dense byte-level LM on stdlib)."""
+  from moejax.distill.config import distill_config
   from moejax.optim.muon import DEFAULT_EXCLUDE
 
   c = ml_collections.ConfigDict()
@@ -162,6 +163,9 @@ def base_config() -> ml_collections.ConfigDict:
       auto=False,              # let jax.distributed detect a managed cluster (TPU, SLURM, MPI)
   ))
 
+  # Multi-specialist distillation (`moejax distill`; moejax/distill/config.py, docs/distill.md).
+  c.distill = distill_config()
+
   # Device mesh; -1 on at most one axis means "all remaining devices".
   c.mesh = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})
   c.mesh.data = -1
@@ -257,6 +261,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   """Raises ConfigError naming every invalid field; silent when all is well."""
   # Imports here: the registries fill as their modules load.
   from moejax.data import SOURCES, tokenizer_vocab_size
+  from moejax.distill.config import validate_distill
   from moejax.layers.attention import ATTENTION
   from moejax.layers.mlp import MLP
   from moejax.layers.moe import MoE
@@ -341,6 +346,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _check(e, 0.0 <= o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction} must be in [0, 1].")
   _check(e, o.grad_clip_norm >= 0, f"optim.grad_clip_norm={o.grad_clip_norm} must be >= 0 (0 disables).")
   _validate_muon(e, cfg)
+  if "distill" in cfg:  # configs saved before the section existed lack it
+    validate_distill(e, cfg)
 
   if dist.coordinator_address:
     _check(e, dist.num_processes >= 1, f"distributed.num_processes={dist.num_processes} must be >= 1.")

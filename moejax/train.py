@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import flax
 import flax.linen as nn
@@ -29,7 +29,7 @@ from moejax.data import ShardedBatches
 from moejax.layers.moe import EXPERT_LOAD_METRIC
 from moejax.losses import chunked_token_stats
 from moejax.metrics import MetricsWriter
-from moejax.models import build_model
+from moejax.models import Hidden, build_model
 from moejax.models.mtp import mtp_targets
 from moejax.models.state import update_model_state
 from moejax.optim import ParamLayout, build_optimizer, optimizer_metrics
@@ -67,13 +67,21 @@ class Forward(NamedTuple):
   stats: dict             # for model-state updates (see moejax/models/state.py)
   metrics: dict           # scalars to log, named by module path
   max_logits: dict        # {"layer_0/attention": float32 [H]} per-head max attention logit
+  hidden: Hidden          # final normed hidden states and output matrix (for distillation)
+  experts: dict           # {"layer_1/mlp": int32 [B, T, K]} routed experts (only with capture_experts)
 
 
-def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int) -> Forward:
-  """Runs the model; logits are formed ``loss_chunk`` positions at a time."""
+def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int,
+             capture_experts: bool = False) -> Forward:
+  """Runs the model; logits are formed ``loss_chunk`` positions at a time.
+
+  ``capture_experts`` also returns each MoE layer's routed experts (the
+  output of every module named ``router``).
+  """
+  capture = (lambda module, _: module.name == "router") if capture_experts else False
   hidden, sown = model.apply(
       {"params": params, **model_state}, batch["inputs"], batch["positions"], batch["segment_ids"],
-      return_hidden=True, mutable=list(SOWN))
+      return_hidden=True, mutable=list(SOWN), capture_intermediates=capture)
   ce_BxT, correct_BxT = chunked_token_stats(hidden.x_BxTxD, hidden.head_DxV, batch["targets"], loss_chunk)
   mtp_y_BxKxT, mtp_w_BxKxT = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"],
                                          len(hidden.mtp))
@@ -82,7 +90,17 @@ def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: in
   mtp_ce_BxKxT = jnp.stack(mtp_ce, axis=1) if mtp_ce else jnp.zeros_like(mtp_w_BxKxT)
   aux = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("aux_loss", {}))), jnp.zeros((), jnp.float32))
   return Forward(ce_BxT, correct_BxT, mtp_ce_BxKxT, mtp_w_BxKxT, aux, dict(sown.get("stats", {})),
-                 _flat_metrics(sown.get("metrics", {})), _module_maxima(sown.get("max_stats", {})))
+                 _flat_metrics(sown.get("metrics", {})), _module_maxima(sown.get("max_stats", {})), hidden,
+                 _routed_experts(sown.get("intermediates", {}), batch["inputs"].shape))
+
+
+def _routed_experts(tree, shape_BxT) -> dict[str, jax.Array]:
+  """{"layer_1/mlp": expert_BxTxK} from captured router outputs ``(expert_NxK, weight_NxK, aux)``."""
+  experts = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))[0]:
+    module = path_str(path).split("/router/", 1)[0]
+    experts[module] = leaf[0][0].reshape(*shape_BxT, -1)
+  return experts
 
 
 def _flat_metrics(tree) -> dict[str, jax.Array]:
@@ -124,8 +142,29 @@ def _split_micro(batch: Batch, n: int) -> Batch:
   return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
 
 
+class ExtraObjective(Protocol):
+  """A term added to the language-modelling objective (e.g. distillation, ``moejax/distill``).
+
+  ``train_step(state, batch, extra)`` passes ``extra`` (arrays the term needs
+  but does not train, e.g. frozen teacher parameters) to :meth:`term` for each
+  micro-batch; the term's ``sums`` are added over micro-batches and turned
+  into logged metrics by :meth:`metrics`.
+  """
+
+  ce_weight: float        # weight of the token cross-entropy in the objective (plain training: 1)
+  capture_experts: bool   # whether term() reads ``out.experts`` (MoE routing)
+
+  def term(self, extra, micro: Batch, out: Forward, total_weight: jax.Array) -> tuple[jax.Array, dict]:
+    """(objective term of this micro-batch, already divided by the batch's ``total_weight``; sums)."""
+
+  def metrics(self, sums: dict, total_weight: jax.Array) -> dict:
+    """Logged metrics from the sums over the whole batch; ``extra_loss`` (the term over the
+    whole batch) is added to ``total_loss``."""
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int, loss_chunk: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    grad_accum_steps: int, loss_chunk: int, extra_objective: ExtraObjective | None = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
   """The pure train step; gradients accumulate over ``grad_accum_steps``.
 
   The objective is the token-weighted mean cross-entropy over the *whole*
@@ -133,22 +172,27 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   ``model.mtp.depth = K > 0``) ``loss_weight / K * sum_k`` of each MTP
   depth's weighted mean cross-entropy, so accumulation gives the same update
   as one big batch. The ``loss`` metric is the main next-token CE alone;
-  ``mtp_loss_k`` are logged per depth.
+  ``mtp_loss_k`` are logged per depth. An ``extra_objective`` scales the CE
+  by its ``ce_weight`` and adds its term (``train_step(state, batch, extra)``).
   """
   mtp = model.cfg.mtp
+  ce_weight = 1.0 if extra_objective is None else extra_objective.ce_weight
+  capture = extra_objective is not None and extra_objective.capture_experts
 
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, batch: Batch, extra=None):
     total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
     _, mtp_w_BxKxT = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"], mtp.depth)
     mtp_total_weight_K = jnp.maximum(jnp.sum(mtp_w_BxKxT, axis=(0, 2)), 1.0)
 
     def micro_loss(params, micro: Batch):
-      out = _forward(model, params, state.model_state, micro, loss_chunk)
+      out = _forward(model, params, state.model_state, micro, loss_chunk, capture)
       ce_sum = jnp.sum(out.ce_BxT * micro["weights"].astype(jnp.float32))
       mtp_sum_K = jnp.sum(out.mtp_ce_BxKxT * out.mtp_weights_BxKxT, axis=(0, 2))
       mtp_term = mtp.loss_weight / max(mtp.depth, 1) * jnp.sum(mtp_sum_K / mtp_total_weight_K)
-      objective = ce_sum / total_weight + out.aux_loss / grad_accum_steps + mtp_term
-      return objective, ((ce_sum, mtp_sum_K, out.aux_loss, out.stats, out.metrics), out.max_logits)
+      extra_term, extra_sums = (jnp.zeros((), jnp.float32), {}) if extra_objective is None else (
+          extra_objective.term(extra, micro, out, total_weight))
+      objective = ce_weight * ce_sum / total_weight + out.aux_loss / grad_accum_steps + mtp_term + extra_term
+      return objective, ((ce_sum, mtp_sum_K, out.aux_loss, out.stats, out.metrics, extra_sums), out.max_logits)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     micros = _split_micro(batch, grad_accum_steps)
@@ -164,7 +208,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     (sum_shapes, max_shapes), grad_shapes = shapes[0][1], shapes[1]
     init = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, sum_shapes))
             + (jax.tree.map(lambda s: jnp.full(s.shape, -jnp.inf, s.dtype), max_shapes),))
-    (grads, (ce_sum, mtp_sum_K, aux_sum, stats, layer_metrics), max_logits), _ = jax.lax.scan(
+    (grads, (ce_sum, mtp_sum_K, aux_sum, stats, layer_metrics, extra_sums), max_logits), _ = jax.lax.scan(
         accumulate, init, micros)
 
     def objective(params):
@@ -177,7 +221,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     ce = ce_sum / total_weight
     aux = aux_sum / grad_accum_steps
     mtp_loss_K = mtp_sum_K / mtp_total_weight_K
-    total = ce + aux + mtp.loss_weight / max(mtp.depth, 1) * jnp.sum(mtp_loss_K)
+    extra_metrics = {} if extra_objective is None else extra_objective.metrics(extra_sums, total_weight)
+    total = (ce_weight * ce + aux + mtp.loss_weight / max(mtp.depth, 1) * jnp.sum(mtp_loss_K)
+             + extra_metrics.get("extra_loss", 0.0))
     grad_norm = optax.tree.norm(grads)
 
     # A NaN/Inf loss or gradient leaves the state exactly as it was (the
@@ -191,7 +237,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     metrics = {"loss": ce, "aux_loss": aux, "total_loss": total, "grad_norm": grad_norm,
                "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step),
                "tokens": total_weight, "finite": finite, "nonfinite_steps": nonfinite_steps,
-               **{f"mtp_loss_{k + 1}": mtp_loss_K[k] for k in range(mtp.depth)},
+               **{f"mtp_loss_{k + 1}": mtp_loss_K[k] for k in range(mtp.depth)}, **extra_metrics,
                **{k: v / grad_accum_steps for k, v in layer_metrics.items()},
                **_per_layer_rms(updates), **optimizer_metrics(opt_state),
                **{f"{module}/max_logit": jnp.max(m_H) for module, m_H in max_logits.items()}}
@@ -235,7 +281,7 @@ class Experiment:
   Built once; :func:`train` and :func:`evaluate` (and notebooks) use it.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, devices=None):
+  def __init__(self, cfg: ml_collections.ConfigDict, devices=None, extra_objective: ExtraObjective | None = None):
     devices = list(jax.devices() if devices is None else devices)
     config_lib.validate(cfg, num_devices=len(devices))
     self.cfg = cfg
@@ -251,9 +297,12 @@ class Experiment:
     self.abstract_state = abstract_like(nn.meta.unbox(boxed), self.state_shardings)
 
     batch_shard = batch_sharding(self.mesh)
+    # ``extra`` (the objective's frozen inputs, e.g. teacher parameters) keeps the sharding it was put in.
+    self.extra = None
     self._train_step = jax.jit(
-        make_train_step(self.model, self.tx, self.schedule, cfg.train.grad_accum_steps, cfg.train.loss_chunk),
-        in_shardings=(self.state_shardings, batch_shard),
+        make_train_step(self.model, self.tx, self.schedule, cfg.train.grad_accum_steps, cfg.train.loss_chunk,
+                        extra_objective),
+        in_shardings=(self.state_shardings, batch_shard, None),
         out_shardings=(self.state_shardings, None), donate_argnums=0)
     eval_shardings = (self.state_shardings.params, self.state_shardings.model_state, batch_shard)
     self._eval_step = jax.jit(make_eval_step(self.model, cfg.train.loss_chunk), in_shardings=eval_shardings)
@@ -286,7 +335,7 @@ class Experiment:
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     with self._context():
-      return self._train_step(state, put_batch(batch, self.mesh))
+      return self._train_step(state, put_batch(batch, self.mesh), self.extra)
 
   def eval_sums(self, state: TrainState, batches) -> dict[str, np.ndarray]:
     """Sums over ``batches`` (host numpy dicts) of the :func:`make_eval_step` sums."""
@@ -401,14 +450,17 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         "Use a new --workdir, or set these fields back to resume that run.")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
+def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment: Experiment | None = None
+          ) -> TrainState:
   """Trains ``cfg`` in ``workdir``, resuming from its newest good checkpoint.
 
   Leaves ``config.json``, ``metrics.jsonl``, ``tensorboard/`` and
   ``checkpoints/`` in ``workdir``. Returns the final state (or the state at
   which a SIGTERM/SIGINT stopped the run, after checkpointing it).
+  ``experiment`` (built from ``cfg``) replaces the default :class:`Experiment`,
+  e.g. a distillation experiment with its own objective and data.
   """
-  exp = Experiment(cfg, devices)
+  exp = experiment or Experiment(cfg, devices)
   t = cfg.train
   data = exp.data_iterator("train")
   if t.eval_every:

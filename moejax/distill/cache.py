@@ -51,7 +51,7 @@ def write_cache(cfg: ml_collections.ConfigDict, teachers, cache_dir: str, device
   shutil.rmtree(cache_dir, ignore_errors=True)
   os.makedirs(cache_dir)
   accum, width = cfg.train.grad_accum_steps, max(t.cfg.model.d_model for t in teachers)
-  forward = [jax.jit(lambda p, ms, rows, m=t.experiment.model: teacher_hidden(m, p, ms, rows)[0])
+  forward = [jax.jit(lambda p, ms, rows, m=t.model: teacher_hidden(m, p, ms, rows)[0])
              for t in teachers]
   data = DomainBatches(cfg, split="train", seed=cfg.seed)
   ckptr = ocp.StandardCheckpointer()

@@ -19,6 +19,7 @@ import logging
 import os
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,7 +42,7 @@ class Teacher(NamedTuple):
   name: str
   workdir: str
   cfg: ml_collections.ConfigDict
-  experiment: Experiment  # the teacher's own (model, mesh, evaluation on its domain)
+  model: nn.Module
   params: dict
   model_state: dict
 
@@ -75,7 +76,7 @@ def load_teachers(cfg: ml_collections.ConfigDict, workdir: str, devices=None) ->
     _check_vocab(cfg, tcfg, name)
     twd = teacher_workdir(cfg, workdir, name)
     exp, _, state = load_checkpoint(tcfg, twd, devices)
-    teachers.append(Teacher(name, twd, tcfg, exp, state.params, state.model_state))
+    teachers.append(Teacher(name, twd, tcfg, exp.model, state.params, state.model_state))
   return teachers
 
 
@@ -101,14 +102,14 @@ class DistillExperiment(Experiment):
     self.slices = domain_slices(cfg)
     self.teachers, self.cache_dir = teachers, cache_dir
     cached = cfg.distill.teacher_source == "cache"
-    models = [t.experiment.model for t in teachers]
+    models = [t.model for t in teachers]
     objective = (DistillObjective(cfg, self.slices, [t.cfg.model.d_model for t in teachers], cached=True)
                  if cached else DistillObjective(cfg, self.slices, models, cached=False))
     super().__init__(cfg, devices, extra_objective=objective)
     # Evaluation runs the teachers in the step whatever the source (the cache holds training batches only).
     self.objective = DistillObjective(cfg, self.slices, models, cached=False)
     self.cohost_extra = tuple((t.params, t.model_state) for t in teachers)
-    heads = tuple(jax.jit(lambda p, ms, m=t.experiment.model: _head(m, p, ms))(t.params, t.model_state)
+    heads = tuple(jax.jit(lambda p, ms, m=t.model: _head(m, p, ms))(t.params, t.model_state)
                   for t in teachers)
     self.extra = heads if cached else self.cohost_extra
     self._eval_sums = jax.jit(self._eval_fn)

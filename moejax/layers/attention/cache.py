@@ -72,12 +72,20 @@ def extend(module: nn.Module, name: str, step: Step, new_BxCx_, size: int):
   return jnp.concatenate([old, new_BxCx_.astype(old.dtype)], axis=1)
 
 
-def visible(step: Step, size: int, window: int = 0):
-  """Bool [B, C, size + C]: which keys of :func:`extend`'s ``[old buffer | chunk]`` each query sees."""
+def keys(step: Step, size: int):
+  """(positions, segments) int32 [B, size + C] of :func:`extend`'s ``[old buffer | chunk]``.
+
+  Empty slots get segment -1, so no query (real: 1, padding: 0) sees them.
+  """
   pos_BxS = slot_positions(step.index_B, size)
-  k_pos = jnp.concatenate([pos_BxS, step.q_pos_BxC], axis=1)
-  k_seg = jnp.concatenate([jnp.where(pos_BxS >= 0, 1, -1), step.q_seg_BxC], axis=1)
-  return core.visible(step.q_pos_BxC, k_pos, step.q_seg_BxC, k_seg, window)
+  return (jnp.concatenate([pos_BxS, step.q_pos_BxC], axis=1),
+          jnp.concatenate([jnp.where(pos_BxS >= 0, 1, -1), step.q_seg_BxC], axis=1))
+
+
+def visible(step: Step, size: int, window: int = 0):
+  """Bool [B, C, size + C]: which keys of ``[old buffer | chunk]`` each query sees (``core.visible``)."""
+  k_pos_BxS, k_seg_BxS = keys(step, size)
+  return core.visible(step.q_pos_BxC, k_pos_BxS, step.q_seg_BxC, k_seg_BxS, window)
 
 
 def attend(q_BxCxHxD, k_BxSxKxD, v_BxSxKxE, valid_BxCxS, *, scale: float, block: int):

@@ -1,0 +1,159 @@
+"""Generation: chunked prefill, cached decoding and sampling (``moejax generate``).
+
+Library API (jittable; the distillation trainer samples with it)::
+
+    from moejax.generate import sample
+    out = sample(model, variables, prompts_BxP, prompt_lengths_B, rng=key, max_new_tokens=64,
+                 temperature=1.0, top_k=0, top_p=1.0, eos_id=None, prefill_chunk=256)
+    out.tokens_BxN  # int32 [B, max_new_tokens]: the continuation; after a row's eos, 0s
+    out.lengths_B   # int32 [B]: tokens generated per row (the eos included)
+
+``prompts_BxP`` are left-aligned, padded after each row's ``prompt_lengths_B``
+(>= 1) tokens. The prompt is fed ``prefill_chunk`` tokens at a time into the
+per-layer caches (``moejax/layers/attention/cache.py``; each row at its own
+positions, so a short prompt in a batch gives the same tokens as alone), then
+one token per step inside a ``lax.while_loop`` that stops when every row has
+emitted ``eos_id``. :func:`stream` is the host-loop variant the CLI uses to
+print tokens as they come. Sampling (:func:`next_token`): greedy at
+``temperature == 0``, else softmax(logits / temperature) restricted to the
+``top_k`` most likely tokens (0: all) and to the smallest set whose
+probability reaches ``top_p`` (Holtzman et al., 2020), seeded by ``rng``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Sampled(NamedTuple):
+  tokens_BxN: jax.Array  # int32 [B, max_new_tokens]
+  lengths_B: jax.Array   # int32 [B]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def filter_logits(logits_BxV, top_k, top_p):
+  """Logits outside the top-k / top-p (nucleus) set set to -inf; float32 [B, V].
+
+  ``top_k`` <= 0 and ``top_p`` >= 1 disable each filter; both may be traced.
+  The most likely token is always kept.
+  """
+  logits = logits_BxV.astype(jnp.float32)
+  sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
+  v = logits.shape[-1]
+  k = jnp.clip(jnp.where(top_k > 0, top_k, v), 1, v)
+  kth_Bx1 = jnp.take(sorted_BxV, k - 1, axis=-1)[:, None]
+  probs = jax.nn.softmax(sorted_BxV, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each sorted token
+  kept = (before < top_p) | (jnp.arange(v) == 0)
+  nucleus_Bx1 = jnp.min(jnp.where(kept, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where((logits < kth_Bx1) | (logits < nucleus_Bx1), -jnp.inf, logits)
+
+
+def next_token(logits_BxV, rng, temperature=1.0, top_k=0, top_p=1.0):
+  """int32 [B]: argmax if ``temperature == 0``, else a sample from the filtered softmax."""
+  t = jnp.asarray(temperature, jnp.float32)
+  scaled = filter_logits(logits_BxV / jnp.where(t > 0, t, 1.0), top_k, top_p)
+  sampled = jax.random.categorical(rng, scaled, axis=-1)
+  return jnp.where(t > 0, sampled, jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- cached forward
+
+
+def init_cache(model: nn.Module, variables, batch: int, max_len: int):
+  """Empty (all zero) decode caches for ``batch`` rows of up to ``max_len`` tokens."""
+  dummy = jnp.zeros((batch, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda v: model.apply(v, dummy, dummy, dummy, decode_len=max_len,
+                                                mutable=["cache"])[1]["cache"], variables)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def forward_chunk(model: nn.Module, variables, cache, max_len: int, tokens_BxC, start_B, count_B):
+  """Feeds each row's first ``count_B`` tokens at positions ``start_B + 0..``; (logits_BxV, cache).
+
+  ``max_len`` must be the one the cache was made for. ``logits_BxV``
+  (float32) predict the token after each row's last fed token (undefined
+  where ``count == 0``); the chunk's [B, C, V] logits are never formed.
+  """
+  c = tokens_BxC.shape[1]
+  positions = start_B[:, None] + jnp.arange(c, dtype=jnp.int32)
+  segments = (jnp.arange(c) < count_B[:, None]).astype(jnp.int32)
+  hidden, new = model.apply({**variables, "cache": cache}, tokens_BxC, positions, segments, return_hidden=True,
+                            decode_len=max_len, mutable=["cache"])
+  last = jnp.clip(count_B - 1, 0, c - 1)
+  x_BxD = jnp.take_along_axis(hidden.x_BxTxD, last[:, None, None], axis=1)[:, 0]
+  logits = jnp.einsum("BD,DV->BV", x_BxD, hidden.head_DxV).astype(jnp.float32)
+  return logits, new["cache"]
+
+
+def prefill(model: nn.Module, variables, cache, max_len: int, prompts_BxP, lengths_B, chunk: int):
+  """Feeds the prompts ``chunk`` tokens at a time: (next-token logits_BxV, cache)."""
+  b, p = prompts_BxP.shape
+  chunk = int(min(chunk, p))
+  padded = jnp.pad(prompts_BxP, [(0, 0), (0, -(-p // chunk) * chunk - p)])
+  logits = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
+  for start in range(0, p, chunk):  # static: P and chunk are shapes
+    count = jnp.clip(lengths_B - start, 0, chunk).astype(jnp.int32)
+    new_logits, cache = forward_chunk(model, variables, cache, max_len, padded[:, start:start + chunk],
+                                      jnp.full((b,), start, jnp.int32), count)
+    logits = jnp.where((count > 0)[:, None], new_logits, logits)
+  return logits, cache
+
+
+class _Loop(NamedTuple):
+  step: jax.Array
+  logits_BxV: jax.Array
+  cache: dict
+  tokens_BxN: jax.Array
+  lengths_B: jax.Array
+  done_B: jax.Array
+  rng: jax.Array
+
+
+def _emit(loop: _Loop, temperature, top_k, top_p, eos_id):
+  """Chooses the next token of every unfinished row; (token_B, loop with it recorded)."""
+  rng, key = jax.random.split(loop.rng)
+  token = jnp.where(loop.done_B, 0, next_token(loop.logits_BxV, key, temperature, top_k, top_p))
+  tokens = jax.lax.dynamic_update_slice_in_dim(loop.tokens_BxN, token[:, None], loop.step, axis=1)
+  lengths = loop.lengths_B + (~loop.done_B).astype(jnp.int32)
+  done = loop.done_B | ((token == eos_id) if eos_id is not None else False)
+  return token, loop._replace(tokens_BxN=tokens, lengths_B=lengths, done_B=done, rng=rng)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "prefill_chunk"))
+def sample(model: nn.Module, variables, prompts_BxP, prompt_lengths_B, *, rng, max_new_tokens: int,
+           temperature=1.0, top_k=0, top_p=1.0, eos_id: int | None = None, prefill_chunk: int = 256) -> Sampled:
+  """Samples ``max_new_tokens`` continuations of each prompt (see the module doc).
+
+  ``temperature``, ``top_k``, ``top_p`` may be traced (changing them does not
+  recompile). The cache holds ``P + max_new_tokens`` positions per row.
+  """
+  b, p = prompts_BxP.shape
+  max_len = p + max_new_tokens
+  lengths_B = prompt_lengths_B.astype(jnp.int32)
+  cache = init_cache(model, variables, b, max_len)
+  logits, cache = prefill(model, variables, cache, max_len, prompts_BxP.astype(jnp.int32), lengths_B, prefill_chunk)
+  loop = _Loop(jnp.int32(0), logits, cache, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), jnp.int32),
+               jnp.zeros((b,), bool), rng)
+
+  def body(loop: _Loop) -> _Loop:
+    token, loop = _emit(loop, temperature, top_k, top_p, eos_id)
+    logits, cache = forward_chunk(model, variables, loop.cache, max_len, token[:, None],
+                                  lengths_B + loop.step, jnp.ones((b,), jnp.int32))
+    return loop._replace(step=loop.step + 1, logits_BxV=logits, cache=cache)
+
+  def more(loop: _Loop):
+    return (loop.step < max_new_tokens - 1) & ~jnp.all(loop.done_B)
+
+  loop = jax.lax.while_loop(more, body, loop)
+  last = jax.lax.cond(loop.step < max_new_tokens,
+                      lambda l: _emit(l, temperature, top_k, top_p, eos_id)[1], lambda l: l, loop)
+  return Sampled(last.tokens_BxN, last.lengths_B)

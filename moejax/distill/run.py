@@ -113,6 +113,42 @@ class DistillExperiment(Experiment):
                   for t in teachers)
     self.extra = heads if cached else self.cohost_extra
     self._eval_sums = jax.jit(self._eval_fn)
+    self._sample = jax.jit(self._sample_fn)
+
+  def _sample_fn(self, params, model_state, prompts_BxP, rng):
+    from moejax.generate import sample
+
+    dc = self.cfg.distill
+    lengths_B = jnp.full(prompts_BxP.shape[:1], prompts_BxP.shape[1], jnp.int32)
+    out = sample(self.model, {"params": params, **model_state}, prompts_BxP, lengths_B, rng=rng,
+                 max_new_tokens=dc.continuation_len, temperature=dc.sample_temperature, prefill_chunk=dc.prompt_len)
+    return out.tokens_BxN
+
+  def on_policy_batch(self, state, batch):
+    """The student's own continuations of each row's first ``prompt_len`` tokens, as a batch.
+
+    Rows keep their domain (so each is scored by its own teacher); ``weights``
+    are 1 on the positions that predict sampled tokens and 0 on the prompt.
+    The sampling key is ``fold_in(key(seed), step)``: a resumed run draws the
+    same samples. Shapes: ``[B, prompt_len + continuation_len - 1]``.
+    """
+    dc = self.cfg.distill
+    prompts_BxP = batch["inputs"][:, :dc.prompt_len]
+    rng = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
+    with self._context():
+      continuation_BxN = np.asarray(jax.device_get(self._sample(state.params, state.model_state, prompts_BxP, rng)))
+    seq = np.concatenate([prompts_BxP, continuation_BxN], axis=1)
+    b, t = seq.shape[0], seq.shape[1] - 1
+    weights = np.zeros((b, t), np.float32)
+    weights[:, dc.prompt_len - 1:] = 1.0
+    return {"inputs": seq[:, :-1], "targets": seq[:, 1:], "weights": weights,
+            "segment_ids": np.ones((b, t), np.int32), "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+            "domain_BxT": batch["domain_BxT"][:, :t]}
+
+  def train_step(self, state, batch):
+    if self.cfg.distill.mode == "on_policy":
+      batch = self.on_policy_batch(state, batch)
+    return super().train_step(state, batch)
 
   def _eval_fn(self, params, model_state, batch, extra):
     out = _forward(self.model, params, model_state, batch, self.cfg.train.loss_chunk, capture_experts=True)

@@ -120,3 +120,21 @@ def test_rows_per_domain_follow_weights():
   cfg.train.batch_size = 12
   cfg.distill.domains.copy.weight = 1.0
   assert rows_per_domain(cfg) == {"copy": 6, "email": 6}
+
+
+def test_on_policy_step_scores_the_students_own_samples(devices):
+  """mode=on_policy: rows are the student's continuations of data prompts (deterministic per
+  step), weighted on the sampled part only, and the reverse KL matches the reference on them."""
+  cfg = tiny_distill_cfg(mode="on_policy", kl="reverse", alpha=0.0, prompt_len=8, continuation_len=8)
+  exp = distill_experiment(cfg, devices[:1])
+  state, data_batch = exp.init_state(), next(exp.data_iterator("train"))
+  batch = exp.on_policy_batch(state, data_batch)
+  chex.assert_trees_all_equal(batch, exp.on_policy_batch(state, data_batch))
+  chex.assert_shape(batch["inputs"], (6, 15))
+  np.testing.assert_array_equal(batch["inputs"][:, :8], data_batch["inputs"][:, :8])
+  np.testing.assert_array_equal(batch["weights"].sum(1), 8.0)
+  np.testing.assert_array_equal(batch["domain_BxT"], data_batch["domain_BxT"][:, :15])
+  _, kl_mean, _ = reference(exp, *jax.device_get((state.params, state.model_state)), batch, 1.0, True)
+  _, metrics = exp.train_step(state, data_batch)
+  np.testing.assert_allclose(metrics["kl"], kl_mean, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(metrics["total_loss"], kl_mean + metrics["aux_loss"], rtol=1e-4)

@@ -83,3 +83,31 @@ def test_forward_kl_gradient_is_student_minus_teacher():
   g_teacher = jax.grad(lambda l: jnp.sum(chunked_distill_kl(jnp.asarray(ls), eye, l, eye, 1.0, False, 1)))(
       jnp.asarray(lt))
   np.testing.assert_array_equal(g_teacher, 0.0)
+
+
+def test_reverse_kl_gradient_is_analytic():
+  """d KL(p_s || p_t) / d logits_s = p_s * (log p_s - log p_t - KL) / T (teacher: no gradient)."""
+  rng = np.random.default_rng(3)
+  v, temperature = 13, 1.5
+  ls, lt = rng.normal(size=(1, 1, v)).astype(np.float32), rng.normal(size=(1, 1, v)).astype(np.float32)
+  eye = jnp.eye(v)
+  kl_of = lambda s, t: jnp.sum(chunked_distill_kl(s, eye, t, eye, temperature, True, 1))
+  grad_s, grad_t = jax.grad(kl_of, argnums=(0, 1))(jnp.asarray(ls), jnp.asarray(lt))
+  logp_s = np.log(np.asarray(jax.nn.softmax(ls.astype(np.float64) / temperature)))
+  logp_t = np.log(np.asarray(jax.nn.softmax(lt.astype(np.float64) / temperature)))
+  kl = np.sum(np.exp(logp_s) * (logp_s - logp_t))
+  np.testing.assert_allclose(grad_s, np.exp(logp_s) * (logp_s - logp_t - kl) / temperature, atol=1e-6)
+  np.testing.assert_array_equal(grad_t, 0.0)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_distill_kl_never_materializes_full_logits(reverse):
+  """Forward and backward of the chunked KL hold no [T, V] array at long T."""
+  b, t, d, v, chunk = 1, 4096, 16, 512, 256
+  xs, xt = jnp.zeros((b, t, d)), jnp.zeros((b, t, 2 * d))
+  hs, ht = jnp.zeros((d, v)), jnp.zeros((2 * d, v))
+  grad = jax.jit(jax.grad(lambda x, h: jnp.sum(chunked_distill_kl(x, h, xt, ht, 2.0, reverse, chunk)),
+                          argnums=(0, 1)))
+  hlo = grad.lower(xs, hs).compile().as_text()
+  assert f"f32[{b},{t},{v}]" not in hlo and f"f32[{t},{v}]" not in hlo
+  assert f"{chunk},{v}]" in hlo

@@ -109,9 +109,8 @@ class DistillExperiment(Experiment):
     # Evaluation runs the teachers in the step whatever the source (the cache holds training batches only).
     self.objective = DistillObjective(cfg, self.slices, models, cached=False)
     self.cohost_extra = tuple((t.params, t.model_state) for t in teachers)
-    heads = tuple(jax.jit(lambda p, ms, m=t.model: _head(m, p, ms))(t.params, t.model_state)
-                  for t in teachers)
-    self.extra = heads if cached else self.cohost_extra
+    self.extra = (tuple(jax.jit(lambda p, ms, m=t.model: _head(m, p, ms))(t.params, t.model_state) for t in teachers)
+                  if cached else self.cohost_extra)
     self._eval_sums = jax.jit(self._eval_fn)
     self._sample = jax.jit(self._sample_fn)
 

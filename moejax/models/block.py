@@ -66,4 +66,5 @@ def block_class(cfg: ml_collections.FrozenConfigDict) -> type[nn.Module]:
   """``Block``, rematerialized under ``model.remat`` when set."""
   if cfg.remat == "none":
     return Block
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+  # decode_len (argument 5, self being 0) is a Python int: static under remat.
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True, static_argnums=(5,))

@@ -14,10 +14,10 @@ import argparse
 import copy
 import statistics
 import tempfile
-import time
 
 import jax
 
+from benchmarks import train_step
 from moejax.config import load_config
 from moejax.distill import cache as cache_lib
 from moejax.distill.data import DomainBatches
@@ -26,20 +26,13 @@ from moejax.train import Experiment
 from tests.distill.helpers import random_teachers
 
 
-class Variant:
+class Variant(train_step.Variant):
+  """``benchmarks/train_step.py``'s timed variant around a prebuilt experiment and iterator."""
+
   def __init__(self, exp, data):
     self.exp, self.data = exp, data
     self.state = exp.init_state()
     self.time_steps(2)  # compile + warm up
-
-  def time_steps(self, n: int) -> list[float]:
-    batches, times = [next(self.data) for _ in range(n)], []
-    for batch in batches:
-      start = time.perf_counter()
-      self.state, metrics = self.exp.train_step(self.state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-    return times
 
 
 def main():

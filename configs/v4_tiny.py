@@ -38,15 +38,15 @@ def get_config(arg: str | None = None):
       window=32, sinks=True, chunk_size=256,
       q_lora_rank=64, rope_dim=16, rope_layout="interleave", compress_rope_theta=160_000.0,
       csa_ratio=4, hca_ratio=16, o_groups=2, o_lora_rank=64,
-      index_heads=4, index_head_dim=32, index_topk=16)
+      index_heads=4, index_head_dim=32, index_topk=8)
   c.model.moe.update(num_experts=16, top_k=4, expert_ffn_dim=64, num_shared=1, score="sqrtsoftplus",
                      score_bias=True, bias_update_rate=0.01, renormalize=True, routed_scale=1.5,
                      swiglu_limit=10.0)
   c.model.hc.streams = 4
   c.model.mtp.update(depth=1, loss_weight=0.3, attention_type="swa", mlp_type="dense")
   c.optim.update(name="muon", learning_rate=3e-3, warmup_steps=40)
-  c.data.update(source=source, seq_len=256)
+  c.data.update(source=source, seq_len=128)
   if source != "stdlib":
     c.data.task_length = c.data.seq_len
-  c.train.update(steps=400, batch_size=16, log_every=10, eval_every=100, checkpoint_every=100)
+  c.train.update(steps=300, batch_size=8, log_every=10, eval_every=100, checkpoint_every=100)
   return c

@@ -124,23 +124,31 @@ def _emit(loop: _Loop, temperature, top_k, top_p, eos_id):
   token = jnp.where(loop.done_B, 0, next_token(loop.logits_BxV, key, temperature, top_k, top_p))
   tokens = jax.lax.dynamic_update_slice_in_dim(loop.tokens_BxN, token[:, None], loop.step, axis=1)
   lengths = loop.lengths_B + (~loop.done_B).astype(jnp.int32)
-  done = loop.done_B | ((token == eos_id) if eos_id is not None else False)
+  done = loop.done_B | (token == eos_id)
   return token, loop._replace(tokens_BxN=tokens, lengths_B=lengths, done_B=done, rng=rng)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "prefill_chunk"))
 def sample(model: nn.Module, variables, prompts_BxP, prompt_lengths_B, *, rng, max_new_tokens: int,
            temperature=1.0, top_k=0, top_p=1.0, eos_id: int | None = None, prefill_chunk: int = 256) -> Sampled:
   """Samples ``max_new_tokens`` continuations of each prompt (see the module doc).
 
-  ``temperature``, ``top_k``, ``top_p`` may be traced (changing them does not
-  recompile). The cache holds ``P + max_new_tokens`` positions per row.
+  Jitted; ``temperature``, ``top_k``, ``top_p`` and ``eos_id`` are traced
+  (changing them does not recompile). The cache holds ``P + max_new_tokens``
+  positions per row.
   """
+  return _sample(model, variables, prompts_BxP, prompt_lengths_B, rng, max_new_tokens, temperature, top_k, top_p,
+                 -1 if eos_id is None else eos_id, prefill_chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "prefill_chunk"))
+def _sample(model, variables, prompts_BxP, prompt_lengths_B, rng, max_new_tokens, temperature, top_k, top_p, eos_id,
+            prefill_chunk) -> Sampled:
   b, p = prompts_BxP.shape
   max_len = p + max_new_tokens
-  lengths_B = prompt_lengths_B.astype(jnp.int32)
+  lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
   cache = init_cache(model, variables, b, max_len)
-  logits, cache = prefill(model, variables, cache, max_len, prompts_BxP.astype(jnp.int32), lengths_B, prefill_chunk)
+  logits, cache = prefill(model, variables, cache, max_len, jnp.asarray(prompts_BxP, jnp.int32), lengths_B,
+                          prefill_chunk)
   loop = _Loop(jnp.int32(0), logits, cache, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), jnp.int32),
                jnp.zeros((b,), bool), rng)
 
@@ -157,3 +165,62 @@ def sample(model: nn.Module, variables, prompts_BxP, prompt_lengths_B, *, rng, m
   last = jax.lax.cond(loop.step < max_new_tokens,
                       lambda l: _emit(l, temperature, top_k, top_p, eos_id)[1], lambda l: l, loop)
   return Sampled(last.tokens_BxN, last.lengths_B)
+
+
+# ----------------------------------------------------------------------------- checks, streaming, CLI
+
+
+def check_decodable(model_cfg) -> None:
+  """Raises ConfigError if cached decoding cannot reproduce the model's forward pass.
+
+  Token-choice routing is per token, so decoding is exact; expert-choice
+  routing and capacity dispatch depend on the other tokens of the batch.
+  """
+  from moejax.config import ConfigError, expand_schedule
+
+  mlp = set(expand_schedule(model_cfg.mlp_types, model_cfg.num_layers))
+  errors = []
+  if "moe" in mlp and model_cfg.moe.router == "expert_choice":
+    errors.append(f"model.moe.router={model_cfg.moe.router!r} routes over the whole batch, so a token's experts "
+                  "change with what else is decoded; generate with a token-choice router (e.g. topk).")
+  if mlp & {"moe", "hash_moe"} and model_cfg.moe.dispatch == "capacity":
+    errors.append(f"model.moe.dispatch={model_cfg.moe.dispatch!r} drops tokens depending on the batch; generate "
+                  "with --config.model.moe.dispatch=dropless (same weights).")
+  if errors:
+    raise ConfigError(" ".join(errors))
+
+
+def stream(model: nn.Module, variables, prompts_BxP, prompt_lengths_B, *, rng, max_new_tokens: int,
+           temperature=1.0, top_k=0, top_p=1.0, eos_id: int | None = None, prefill_chunk: int = 256
+           ) -> Iterator[jax.Array]:
+  """:func:`sample` as a host loop: yields int32 [B] tokens step by step (0 for finished rows).
+
+  Same tokens as :func:`sample` for the same arguments; one jitted prefill
+  and one jitted decode step.
+  """
+  b, p = prompts_BxP.shape
+  max_len = p + max_new_tokens
+  lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
+
+  @jax.jit
+  def start(variables, prompts, lengths, rng):
+    cache = init_cache(model, variables, b, max_len)
+    logits, cache = prefill(model, variables, cache, max_len, prompts, lengths, prefill_chunk)
+    return _Loop(jnp.int32(0), logits, cache, jnp.zeros((b, max_new_tokens), jnp.int32),
+                 jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), rng)
+
+  emit = jax.jit(_emit)
+
+  @jax.jit
+  def advance(variables, loop, token):
+    logits, cache = forward_chunk(model, variables, loop.cache, max_len, token[:, None], lengths_B + loop.step,
+                                  jnp.ones((b,), jnp.int32))
+    return loop._replace(step=loop.step + 1, logits_BxV=logits, cache=cache)
+
+  loop = start(variables, jnp.asarray(prompts_BxP, jnp.int32), lengths_B, rng)
+  for i in range(max_new_tokens):
+    token, loop = emit(loop, temperature, top_k, top_p, -1 if eos_id is None else eos_id)
+    yield token
+    if bool(jnp.all(loop.done_B)) or i == max_new_tokens - 1:
+      return
+    loop = advance(variables, loop, token)

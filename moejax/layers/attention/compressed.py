@@ -103,8 +103,8 @@ def compress(module: nn.Module, x_BxTxD, positions_BxT, segment_ids_BxT, ratio: 
   n = t // ratio
   offset_BxT = jnp.broadcast_to(jnp.arange(n * ratio) % ratio, (b, n * ratio))
   kv_BxTxC, gate_BxTxC = compress_rows(module, x_BxTxD[:, :n * ratio], offset_BxT, ratio, dim, overlap)
-  kv_BxNxMxC = kv_BxTxC.reshape(b, n, ratio, -1)
-  gate_BxNxMxC = gate_BxTxC.reshape(b, n, ratio, -1)
+  kv_BxNxMxC = kv_BxTxC.reshape(b, n, ratio, kv_BxTxC.shape[-1])
+  gate_BxNxMxC = gate_BxTxC.reshape(b, n, ratio, gate_BxTxC.shape[-1])
   if overlap:  # entry w pools Ca (channels :dim) of window w-1 and Cb (dim:) of window w
     shift = lambda a, fill: jnp.pad(a[:, :-1, :, :dim], [(0, 0), (1, 0), (0, 0), (0, 0)], constant_values=fill)
     kv_BxNxMxC = jnp.concatenate([shift(kv_BxNxMxC, 0), kv_BxNxMxC[..., dim:]], axis=2)

@@ -224,3 +224,53 @@ def stream(model: nn.Module, variables, prompts_BxP, prompt_lengths_B, *, rng, m
     if bool(jnp.all(loop.done_B)) or i == max_new_tokens - 1:
       return
     loop = advance(variables, loop, token)
+
+
+def generate_text(cfg, workdir: str, prompts: list[str], *, out=None, max_new_tokens: int = 128,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  prefill_chunk: int = 256) -> list[str]:
+  """``moejax generate``: continues each prompt with the newest checkpoint of ``workdir``.
+
+  Tokenizes with ``cfg.data.tokenizer`` (bos first, stops at its eos) and
+  writes to ``out`` (a text stream, e.g. stdout) as tokens come: a single
+  prompt streams token by token, several prompts (one batch) each print when
+  done. Returns the continuations.
+  """
+  import numpy as np
+
+  from moejax.data import get_tokenizer
+  from moejax.train import load_checkpoint
+
+  check_decodable(cfg.model)
+  exp, step, state = load_checkpoint(cfg, workdir)
+  tok = get_tokenizer(cfg.data.tokenizer)
+  ids = [np.concatenate([[tok.bos_id], tok.encode(p)]).astype(np.int32) for p in prompts]
+  lengths = np.array([len(i) for i in ids], np.int32)
+  batch = np.zeros((len(ids), lengths.max()), np.int32)
+  for b, row in enumerate(ids):
+    batch[b, :len(row)] = row
+  variables = {"params": state.params, **state.model_state}
+  tokens = stream(exp.model, variables, batch, lengths, rng=jax.random.key(seed), max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.eos_id, prefill_chunk=prefill_chunk)
+  new: list[list[int]] = [[] for _ in prompts]
+  done = [False] * len(prompts)
+  shown = ""
+  if out and len(prompts) == 1:
+    out.write(prompts[0])
+  for token_B in tokens:
+    for b, t in enumerate(np.asarray(token_B).tolist()):
+      done[b] = done[b] or t == tok.eos_id or t == 0
+      if not done[b]:
+        new[b].append(t)
+    if out and len(prompts) == 1:  # decode the whole continuation: multi-byte characters print once complete
+      text = tok.decode(new[0])
+      out.write(text[len(shown):] if text.startswith(shown) else text)
+      out.flush()
+      shown = text
+  texts = [tok.decode(n) for n in new]
+  if out and len(prompts) > 1:
+    for prompt, text in zip(prompts, texts):
+      out.write(f"{prompt}{text}\n\n")
+  elif out:
+    out.write("\n")
+  return texts

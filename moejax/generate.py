@@ -68,12 +68,16 @@ def next_token(logits_BxV, rng, temperature=1.0, top_k=0, top_p=1.0):
 # ----------------------------------------------------------------------------- cached forward
 
 
+def cache_shapes(model: nn.Module, variables, batch: int, max_len: int):
+  """The decode caches' ``jax.ShapeDtypeStruct`` tree (nothing allocated; ``variables`` may be abstract)."""
+  dummy = jnp.zeros((batch, 1), jnp.int32)
+  return jax.eval_shape(lambda v: model.apply(v, dummy, dummy, dummy, decode_len=max_len,
+                                              mutable=["cache"])[1]["cache"], variables)
+
+
 def init_cache(model: nn.Module, variables, batch: int, max_len: int):
   """Empty (all zero) decode caches for ``batch`` rows of up to ``max_len`` tokens."""
-  dummy = jnp.zeros((batch, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda v: model.apply(v, dummy, dummy, dummy, decode_len=max_len,
-                                                mutable=["cache"])[1]["cache"], variables)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(model, variables, batch, max_len))
 
 
 def forward_chunk(model: nn.Module, variables, cache, max_len: int, tokens_BxC, start_B, count_B):

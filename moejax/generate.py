@@ -99,16 +99,22 @@ def forward_chunk(model: nn.Module, variables, cache, max_len: int, tokens_BxC, 
 
 
 def prefill(model: nn.Module, variables, cache, max_len: int, prompts_BxP, lengths_B, chunk: int):
-  """Feeds the prompts ``chunk`` tokens at a time: (next-token logits_BxV, cache)."""
+  """Feeds the prompts ``chunk`` tokens at a time (a ``lax.scan``): (next-token logits_BxV, cache)."""
   b, p = prompts_BxP.shape
   chunk = int(min(chunk, p))
-  padded = jnp.pad(prompts_BxP, [(0, 0), (0, -(-p // chunk) * chunk - p)])
-  logits = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
-  for start in range(0, p, chunk):  # static: P and chunk are shapes
+  n = -(-p // chunk)
+  chunks_NxBxC = jnp.moveaxis(jnp.pad(prompts_BxP, [(0, 0), (0, n * chunk - p)]).reshape(b, n, chunk), 1, 0)
+
+  def step(carry, xs):
+    logits, cache = carry
+    start, tokens_BxC = xs
     count = jnp.clip(lengths_B - start, 0, chunk).astype(jnp.int32)
-    new_logits, cache = forward_chunk(model, variables, cache, max_len, padded[:, start:start + chunk],
+    new_logits, cache = forward_chunk(model, variables, cache, max_len, tokens_BxC,
                                       jnp.full((b,), start, jnp.int32), count)
-    logits = jnp.where((count > 0)[:, None], new_logits, logits)
+    return (jnp.where((count > 0)[:, None], new_logits, logits), cache), None
+
+  init = (jnp.zeros((b, model.cfg.vocab_size), jnp.float32), cache)
+  (logits, cache), _ = jax.lax.scan(step, init, (jnp.arange(n, dtype=jnp.int32) * chunk, chunks_NxBxC))
   return logits, cache
 
 

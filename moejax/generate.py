@@ -269,7 +269,7 @@ def generate_text(cfg, workdir: str, prompts: list[str], *, out=None, max_new_to
     out.write(prompts[0])
   for token_B in tokens:
     for b, t in enumerate(np.asarray(token_B).tolist()):
-      done[b] = done[b] or t == tok.eos_id or t == 0
+      done[b] = done[b] or t == tok.eos_id
       if not done[b]:
         new[b].append(t)
     if out and len(prompts) == 1:  # decode the whole continuation: multi-byte characters print once complete

@@ -188,7 +188,7 @@ def hf_tensors(model, variables, model_type: str | None = None):
 
   def tensors():
     for path, entry in entries.items():
-      parts = LAYOUTS.get(entry.layout).split(np.asarray(jax.device_get(flat[path])), entry)
+      parts = LAYOUTS.get(entry.layout).split(np.array(jax.device_get(flat[path])), entry)
       yield from zip(entry.hf, parts)
 
   return hf_config, tensors()

@@ -34,6 +34,7 @@ COMMON_IGNORED = frozenset({
     "output_router_logits", "router_aux_loss_coef", "auto_map", "_name_or_path", "tokenizer_class",
     "return_dict", "output_hidden_states", "output_attentions", "id2label", "label2id", "chunk_size_feed_forward",
     "is_encoder_decoder", "tie_encoder_decoder", "pretraining_tp", "problem_type", "num_labels",
+    "quantization_config",  # read by safetensors_io.CheckpointReader: dequantized (block FP8) or an error
 })
 
 MISSING = object()

@@ -63,7 +63,8 @@ class _GQAMoE(Arch):
         raise unsupported(what, field, value, f"{self.model_type} has no such option.")
 
   def hf_attention(self, m) -> dict:
-    return dict(num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim or m.d_model // m.num_heads,
+    head = {"head_dim": m.head_dim} if m.head_dim else {}  # absent: hidden_size // num_heads, as in moejax
+    return dict(num_key_value_heads=m.num_kv_heads, **head,
                 rope_parameters=write_rope(m.rope_theta, m.attention.yarn), attention_bias=False,
                 attention_dropout=0.0, max_position_embeddings=max(4096, m.attention.yarn.original_max_len))
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 COLLECTIONS = ("params", "router_bias", "hash_table")  # what a checkpoint holds; the rest is sown
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "chat_template.jinja")
+                   "chat_template.jinja")
 # Preference order when inferring the architecture of a moejax model (hf.save without model_type).
 SAVE_ORDER = ("deepseek_v4", "deepseek_v32", "deepseek_v3", "qwen3_moe", "mixtral")
 
@@ -271,11 +271,11 @@ def convert_from_hf(hf_dir: str, workdir: str, dtype: str = "float32", config_ov
     log.warning("no tokenizer files in %s (nothing is downloaded): data.tokenizer stays %r; set "
                 "--config.data.tokenizer=PATH to the model's tokenizer.json before training.", hf_dir, cfg.data.tokenizer)
   exp = Experiment(cfg, devices)
+  shardings = exp.state_shardings
+  variables = load_variables(hf_dir, exp.model, hf_config, shardings={"params": shardings.params,
+                                                                     **shardings.model_state})
+  params = variables.pop("params")
   with exp._context():
-    shardings = exp.state_shardings
-    variables = load_variables(hf_dir, exp.model, hf_config, shardings={"params": shardings.params,
-                                                                       **shardings.model_state})
-    params = variables.pop("params")
     opt_state = jax.jit(exp.tx.init, out_shardings=shardings.opt_state)(params)
   zero = jax.numpy.zeros((), jax.numpy.int32)
   state = TrainState(step=zero, params=params, opt_state=opt_state, model_state=variables, nonfinite_steps=zero)

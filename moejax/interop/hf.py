@@ -4,6 +4,7 @@
   model, variables = hf.load("path/to/hf_dir")            # dtype="float32", mesh=None
   logits_BxTxV = model.apply(variables, input_ids_BxT)
   hf.save(model, variables, "path/to/out")                 # transformers' from_pretrained reads it
+  model, variables = hf.from_transformers(torch_model)     # an in-memory transformers model
 
 Supported ``model_type``: ``deepseek_v3``, ``deepseek_v32``, ``deepseek_v4``,
 ``qwen3_moe``, ``mixtral`` (``moejax/interop/archs/``), each mapped onto
@@ -139,10 +140,20 @@ def load_variables(directory: str, model, hf_config: dict, mesh=None, shardings=
 
   ``shardings`` (a tree like the variables) overrides the placement derived from ``mesh``.
   """
+  reader = CheckpointReader(directory, hf_config.get("quantization_config"))
+  try:
+    return _place(reader, model, hf_config["model_type"], mesh, shardings)
+  finally:
+    reader.close()
+
+
+def _place(reader, model, model_type: str, mesh=None, shardings=None) -> dict:
+  """Assembles every variable of ``model`` from ``reader`` (``names()``, ``reader(name) -> numpy``),
+  one at a time, cast to the variable's dtype and put with its sharding."""
   from moejax.sharding import logical_sharding
 
   m = model.cfg
-  arch = _arch(hf_config["model_type"])
+  arch = _arch(model_type)
   boxed = _abstract_variables(model)
   if shardings is None and mesh is not None:
     shardings = logical_sharding(mesh, boxed)
@@ -150,30 +161,58 @@ def load_variables(directory: str, model, hf_config: dict, mesh=None, shardings=
   placement = traverse_util.flatten_dict(shardings) if shardings is not None else {}
   entries = _entries(arch, m)
   _check_cover(entries, abstract, "load")
-
-  reader = CheckpointReader(directory, hf_config.get("quantization_config"))
-  try:
-    wanted = {name for e in entries.values() for name in e.hf}
-    for name in reader.names():
-      if name in wanted:
-        continue
-      reason = arch.dropped(name, m)
-      if reason is None:
-        raise config_lib.ConfigError(f"checkpoint tensor {name!r} has no place in moejax's {arch.model_type} model "
-                                     "(an unsupported feature, or a config.json that does not match the weights).")
-      log.warning("dropping %s: %s", name, reason)
-    flat = {}
-    for path, leaf in abstract.items():
-      entry = entries[path]
-      array = LAYOUTS.get(entry.layout).assemble(reader, entry, leaf.shape, np.dtype(leaf.dtype))
-      if array.shape != leaf.shape:
-        raise config_lib.ConfigError(f"checkpoint tensor(s) {entry.hf[:2]} give shape {array.shape}, but moejax "
-                                     f"{'/'.join(path)} needs {leaf.shape}; config.json does not match the weights.")
-      flat[path] = jax.device_put(array, placement.get(path))
-      del array
-  finally:
-    reader.close()
+  wanted = {name for e in entries.values() for name in e.hf}
+  for name in reader.names():
+    if name in wanted:
+      continue
+    reason = arch.dropped(name, m)
+    if reason is None:
+      raise config_lib.ConfigError(f"checkpoint tensor {name!r} has no place in moejax's {arch.model_type} model "
+                                   "(an unsupported feature, or a config.json that does not match the weights).")
+    log.warning("dropping %s: %s", name, reason)
+  flat = {}
+  for path, leaf in abstract.items():
+    entry = entries[path]
+    array = LAYOUTS.get(entry.layout).assemble(reader, entry, leaf.shape, np.dtype(leaf.dtype))
+    if array.shape != leaf.shape:
+      raise config_lib.ConfigError(f"checkpoint tensor(s) {entry.hf[:2]} give shape {array.shape}, but moejax "
+                                   f"{'/'.join(path)} needs {leaf.shape}; config.json does not match the weights.")
+    flat[path] = jax.device_put(array, placement.get(path))
+    del array
   return traverse_util.unflatten_dict(flat)
+
+
+class _StateDictReader:
+  """A torch state dict in checkpoint naming, read like a :class:`CheckpointReader`."""
+
+  def __init__(self, state_dict):
+    self.state_dict = state_dict
+
+  def names(self) -> list[str]:
+    return sorted(self.state_dict)
+
+  def __call__(self, name: str) -> np.ndarray:
+    t = self.state_dict[name].detach()
+    return (t.float() if t.is_floating_point() else t).cpu().numpy()
+
+
+def from_transformers(torch_model, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None):
+  """(model, variables) from an in-memory ``transformers`` causal LM (no files written).
+
+  The state dict is first put in checkpoint naming with transformers' own
+  ``revert_weight_conversion`` (what ``save_pretrained`` writes), then mapped
+  exactly as :func:`load` maps a checkpoint.
+  """
+  from moejax.models.transformer import build_model
+  from transformers.core_model_loading import revert_weight_conversion
+
+  hf_config = torch_model.config.to_dict()
+  cfg = config_from_hf(hf_config)
+  cfg.model.dtype = cfg.model.param_dtype = dtype
+  config_lib.validate(cfg)
+  model = build_model(cfg.model)
+  state_dict = revert_weight_conversion(torch_model, dict(torch_model.state_dict()))
+  return model, _place(_StateDictReader(state_dict), model, hf_config["model_type"], mesh)
 
 
 def hf_tensors(model, variables, model_type: str | None = None):

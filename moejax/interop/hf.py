@@ -141,10 +141,7 @@ def load_variables(directory: str, model, hf_config: dict, mesh=None, shardings=
   ``shardings`` (a tree like the variables) overrides the placement derived from ``mesh``.
   """
   reader = CheckpointReader(directory, hf_config.get("quantization_config"))
-  try:
-    return _place(reader, model, hf_config["model_type"], mesh, shardings)
-  finally:
-    reader.close()
+  return _place(reader, model, hf_config["model_type"], mesh, shardings)
 
 
 def _place(reader, model, model_type: str, mesh=None, shardings=None) -> dict:

@@ -53,7 +53,6 @@ class CheckpointReader:
       raise FileNotFoundError(f"{directory} holds no {SINGLE} or {INDEX}; moejax reads safetensors checkpoints "
                               "(convert .bin files with transformers first).")
     self.block = self._quantization(quantization)
-    self._handles: dict[str, object] = {}
 
   def _quantization(self, q: dict | None):
     if not q:
@@ -69,10 +68,10 @@ class CheckpointReader:
     return sorted(k for k in self.files if not (self.block and k.endswith(SCALE_SUFFIX)))
 
   def _raw(self, name: str):
-    file = self.files[name]
-    if file not in self._handles:
-      self._handles[file] = self._open(os.path.join(self.directory, file), "pt").__enter__()
-    return self._handles[file].get_tensor(name)
+    # A file is opened (memory-mapped) per tensor and closed again, so its pages
+    # leave this process's resident set once the tensor is copied out.
+    with self._open(os.path.join(self.directory, self.files[name]), "pt") as f:
+      return f.get_tensor(name).clone()
 
   def __call__(self, name: str) -> np.ndarray:
     torch = _torch()
@@ -85,11 +84,6 @@ class CheckpointReader:
     if t.is_floating_point():
       return t.to(torch.float32).numpy()
     return t.numpy()
-
-  def close(self) -> None:
-    for h in self._handles.values():
-      h.__exit__(None, None, None)
-    self._handles.clear()
 
 
 def dequantize_fp8(w_OxI: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:

@@ -159,7 +159,9 @@ def _place(reader, model, model_type: str, mesh=None, shardings=None) -> dict:
   entries = _entries(arch, m)
   _check_cover(entries, abstract, "load")
   wanted = {name for e in entries.values() for name in e.hf}
-  for name in reader.names():
+  spelled = {arch.canonical(name): name for name in reader.names()}
+  read = lambda name: reader(spelled.get(name, name))
+  for name in spelled:
     if name in wanted:
       continue
     reason = arch.dropped(name, m)
@@ -170,7 +172,7 @@ def _place(reader, model, model_type: str, mesh=None, shardings=None) -> dict:
   flat = {}
   for path, leaf in abstract.items():
     entry = entries[path]
-    array = LAYOUTS.get(entry.layout).assemble(reader, entry, leaf.shape, np.dtype(leaf.dtype))
+    array = LAYOUTS.get(entry.layout).assemble(read, entry, leaf.shape, np.dtype(leaf.dtype))
     if array.shape != leaf.shape:
       raise config_lib.ConfigError(f"checkpoint tensor(s) {entry.hf[:2]} give shape {array.shape}, but moejax "
                                    f"{'/'.join(path)} needs {leaf.shape}; config.json does not match the weights.")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture
-def converted_workdir(tmp_path):
+@pytest.fixture(scope="module")
+def converted_workdir(tmp_path_factory):
+  """(HF model, ids, a converted workdir); tests that write into the workdir copy it first."""
+  tmp_path = tmp_path_factory.mktemp("convert")
   model, ids = hf_models.build("mixtral-sliding")
   hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
   model.save_pretrained(hf_dir)
@@ -53,8 +56,9 @@ def test_convert_errors_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_train_fine_tunes_a_converted_checkpoint(converted_workdir):
-  _, _, workdir = converted_workdir
+def test_train_fine_tunes_a_converted_checkpoint(converted_workdir, tmp_path):
+  workdir = str(tmp_path / "workdir")
+  shutil.copytree(converted_workdir[2], workdir)
   overrides = ["--config.train.steps=2", "--config.train.batch_size=8", "--config.data.seq_len=32",
                "--config.train.eval_every=0", "--config.train.log_every=1"]
   assert cli.main(["train", "--config", os.path.join(workdir, "config.py"), "--workdir", workdir, *overrides]) == 0

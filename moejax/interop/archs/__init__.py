@@ -139,6 +139,10 @@ class Arch:
     """Whether a moejax model config is of this architecture (for :func:`hf.save`)."""
     raise NotImplementedError
 
+  def canonical(self, name: str) -> str:
+    """The name ``tensors`` uses for a checkpoint tensor name (other spellings of a release)."""
+    return name
+
   def dropped(self, name: str, m: ml_collections.ConfigDict) -> str | None:
     """Why an HF tensor with no moejax counterpart may be dropped (logged), or None (an error)."""
     return None

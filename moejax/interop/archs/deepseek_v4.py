@@ -6,10 +6,13 @@ selection bias and the SwiGLU clamp (``moe.swiglu_limit``).
 
 Tensor names are those ``save_pretrained`` writes (DeepSeek's release
 layout: ``attn.wq_a``, ``ffn.experts.{e}.w1``, ``hc_attn_fn``, ``head``, ...),
-which SGLang / vLLM read too.
+which SGLang / vLLM read too; the release's own top-level spellings
+(``embed.weight``, ``layers.N.``, ``norm.weight``, ``hc_head_fn``) are read as well.
 """
 
 from __future__ import annotations
+
+import re
 
 from moejax.config import expand_schedule
 from moejax.interop import layout
@@ -19,6 +22,10 @@ from moejax.interop.archs.deepseek import moe_config, moe_hf, mtp_notice
 ATTENTION = {"sliding_attention": "swa", "compressed_sparse_attention": "csa", "heavily_compressed_attention": "hca"}
 HF_ATTENTION = {v: k for k, v in ATTENTION.items()}
 RATIO_FIELD = {"csa": "csa_ratio", "hca": "hca_ratio"}
+# DeepSeek's release spells the top level without transformers' "model." prefix.
+RELEASE_NAMES = ((re.compile(r"^embed\.weight$"), "model.embed_tokens.weight"),
+                 (re.compile(r"^norm\."), "model.norm."), (re.compile(r"^layers\."), "model.layers."),
+                 (re.compile(r"^hc_head_(fn|base|scale)$"), r"model.hc_head.hc_\1"))
 
 
 @ARCHS.register("deepseek_v4")
@@ -117,6 +124,11 @@ class DeepseekV4(Arch):
       hashed = mlp_type == "hash_moe"
       out += layout.moe_state(f"{ours}/mlp", f"{p}.ffn.gate", None if hashed else "bias", "tid2eid" if hashed else None)
     return out
+
+  def canonical(self, name: str) -> str:
+    for pattern, replacement in RELEASE_NAMES:
+      name = pattern.sub(replacement, name)
+    return name
 
   def dropped(self, name, m):
     return mtp_notice(name, m)

@@ -34,6 +34,7 @@ from flax import traverse_util
 
 from moejax import config as config_lib
 from moejax.interop.archs import ARCHS, HFFields
+from moejax.layers import DTYPES
 from moejax.interop.layout import LAYOUTS, Tensor
 from moejax.interop.safetensors_io import CheckpointReader, write_checkpoint
 
@@ -214,8 +215,13 @@ def from_transformers(torch_model, dtype: str = "float32", mesh: jax.sharding.Me
   return model, _place(_StateDictReader(state_dict), model, hf_config["model_type"], mesh)
 
 
-def hf_tensors(model, variables, model_type: str | None = None):
-  """(HF config dict, iterator of (HF tensor name, numpy array)) for a moejax model."""
+def hf_tensors(model, variables, model_type: str | None = None, dtype: str | None = None):
+  """(HF config dict, iterator of (HF tensor name, numpy array)) for a moejax model.
+
+  Variables in ``model.param_dtype`` are cast to ``dtype`` (default: kept); those
+  kept in another dtype on purpose (float32 routers, mHC weights, biases) keep it,
+  so a round trip is exact.
+  """
   m = _model_section(model.cfg)
   model_type = model_type or infer_model_type(m)
   arch = _arch(model_type)
@@ -224,10 +230,14 @@ def hf_tensors(model, variables, model_type: str | None = None):
   entries = _entries(arch, m)
   _check_cover(entries, flat, "save")
 
+  param_dtype = np.dtype(DTYPES[m.param_dtype])
+  target = np.dtype(DTYPES[dtype or m.param_dtype])
+
   def tensors():
     for path, entry in entries.items():
-      parts = LAYOUTS.get(entry.layout).split(np.array(jax.device_get(flat[path])), entry)
-      yield from zip(entry.hf, parts)
+      array = np.array(jax.device_get(flat[path]))
+      array = array.astype(target) if array.dtype == param_dtype else array
+      yield from zip(entry.hf, LAYOUTS.get(entry.layout).split(array, entry))
 
   return hf_config, tensors()
 
@@ -240,10 +250,9 @@ def save(model, variables, directory: str, model_type: str | None = None, dtype:
   ``model_type``: the HF architecture (inferred from the config when None);
   ``dtype``: the stored floating dtype (default: ``model.param_dtype``).
   """
-  hf_config, tensors = hf_tensors(model, variables, model_type)
-  dtype = dtype or model.cfg.param_dtype
-  hf_config["dtype"] = dtype
-  files = write_checkpoint(directory, tensors, dtype, max_shard_bytes)
+  hf_config, tensors = hf_tensors(model, variables, model_type, dtype)
+  hf_config["dtype"] = dtype or model.cfg.param_dtype
+  files = write_checkpoint(directory, tensors, max_shard_bytes)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
   return files

@@ -94,11 +94,10 @@ def dequantize_fp8(w_OxI: np.ndarray, scale_inv: np.ndarray, block: tuple[int, i
   return w_OxI * scale
 
 
-def write_checkpoint(directory: str, tensors: Iterable[tuple[str, np.ndarray]], dtype: str,
+def write_checkpoint(directory: str, tensors: Iterable[tuple[str, np.ndarray]],
                      max_shard_bytes: int = 5 * 2**30) -> list[str]:
-  """Writes (name, array) pairs as safetensors shards; returns the file names.
+  """Writes (name, array) pairs as safetensors shards, each in its own dtype; returns the file names.
 
-  Floating arrays are stored as ``dtype`` (``float32``/``bfloat16``/``float16``).
   A shard is flushed when the next tensor would pass ``max_shard_bytes``;
   with several shards an index json maps each name to its file.
   """
@@ -106,7 +105,6 @@ def write_checkpoint(directory: str, tensors: Iterable[tuple[str, np.ndarray]], 
   from safetensors.torch import save_file
 
   os.makedirs(directory, exist_ok=True)
-  target = getattr(torch, dtype)
   shards, current, size, total = [], {}, 0, 0
 
   def flush():
@@ -118,8 +116,11 @@ def write_checkpoint(directory: str, tensors: Iterable[tuple[str, np.ndarray]], 
     current, size = {}, 0
 
   for name, array in tensors:
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    t = t.to(target) if t.is_floating_point() else t
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: numpy holds it, torch.from_numpy does not
+      t = torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    else:
+      t = torch.from_numpy(array)
     nbytes = t.numel() * t.element_size()
     if current and size + nbytes > max_shard_bytes:
       flush()

@@ -81,6 +81,19 @@ def test_sharded_checkpoints_both_ways(tmp_path):
   np.testing.assert_array_equal(hf_models.logits(reloaded, ids), hf_models.logits(model, ids))
 
 
+def test_bfloat16_load_keeps_float32_state_and_round_trips_exactly(tmp_path):
+  model, _ = hf_models.build("deepseek_v3-dense_first")
+  model.save_pretrained(str(tmp_path / "hf"))
+  ours, variables = hf.load(str(tmp_path / "hf"), dtype="bfloat16")
+  params = variables["params"]
+  assert params["embed"].dtype == jax.numpy.bfloat16 and params["layer_1"]["mlp"]["w_up"].dtype == jax.numpy.bfloat16
+  assert variables["router_bias"]["layer_1"]["mlp"]["router"]["bias"].dtype == np.float32
+  hf.save(ours, variables, str(tmp_path / "out"))
+  assert json.load(open(tmp_path / "out" / "config.json"))["dtype"] == "bfloat16"
+  _, again = hf.load(str(tmp_path / "out"), dtype="bfloat16")
+  chex.assert_trees_all_equal(jax.device_get(again), jax.device_get(variables))
+
+
 def test_deepseek_v4_release_spelling_loads_the_same(tmp_path):
   from safetensors.torch import load_file, save_file
 

@@ -158,6 +158,40 @@ def test_unknown_tensors_and_quantization_are_errors(tmp_path):
     hf.load(str(tmp_path))
 
 
+def test_deepseek_mtp_layers_are_dropped_with_a_notice(tmp_path, caplog):
+  from safetensors.torch import load_file, save_file
+
+  model, _ = hf_models.build("deepseek_v3-no_q_lora")
+  model.save_pretrained(str(tmp_path))
+  path = str(tmp_path / "model.safetensors")
+  tensors = load_file(path)
+  tensors["model.layers.2.eh_proj.weight"] = torch.zeros(32, 64)  # layer 2 of a 2-layer model: its MTP module
+  save_file(tensors, path)
+  hf.load(str(tmp_path))  # no error
+  assert "dropping model.layers.2.eh_proj.weight: multi-token-prediction layer" in caplog.text
+
+
+def test_block_fp8_checkpoints_are_dequantized_on_load(tmp_path):
+  from safetensors.torch import load_file, save_file
+
+  model, _ = hf_models.build("mixtral-plain")
+  model.save_pretrained(str(tmp_path))
+  path, name = str(tmp_path / "model.safetensors"), "model.layers.0.self_attn.q_proj.weight"
+  tensors = load_file(path)
+  w_fp8 = (tensors[name] * 50).to(torch.float8_e4m3fn)  # [32 out, 32 in], blocks of 16 x 16
+  scale_inv = torch.rand(2, 2) + 0.5
+  tensors.update({name: w_fp8, name + "_scale_inv": scale_inv})
+  save_file(tensors, path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16]}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  _, variables = hf.load(str(tmp_path))
+  w = w_fp8.float().numpy()
+  expected = np.array([[w[o, i] * scale_inv[o // 16, i // 16].item() for i in range(32)] for o in range(32)])
+  got = np.asarray(variables["params"]["layer_0"]["attention"]["w_q"]).reshape(32, 32).T  # [D, H, Dh] -> torch [out, in]
+  np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
 def test_fp8_block_dequantization_matches_a_loop():
   from moejax.interop.safetensors_io import dequantize_fp8
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import ml_collections
 
-from moejax.config import ConfigError, yarn_config
+from moejax.config import ConfigError
 from moejax.registry import Registry
 
 ARCHS = Registry("Hugging Face model_type")
@@ -80,9 +80,8 @@ def read_rope(f: HFFields, params: dict | None = None, theta_field: str = "rope_
   f.used.add(theta_field)
   kind = params.get("rope_type", params.get("type", "default"))
   known = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
-  if kind == "default":
-    extra = set(params) - known
-  elif kind == "yarn":
+  yarn = {}
+  if kind == "yarn":
     if params.get("truncate", True) is not True:
       raise ConfigError(f"{f.model_type}: rope_parameters.truncate=False is not supported (moejax's YaRN truncates).")
     yarn = dict(factor=float(params["factor"]), beta_fast=float(params.get("beta_fast") or 32.0),
@@ -90,14 +89,14 @@ def read_rope(f: HFFields, params: dict | None = None, theta_field: str = "rope_
                 mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
                 attention_factor=float(params.get("attention_factor") or 0.0),
                 original_max_len=int(params.get("original_max_position_embeddings") or f("max_position_embeddings")))
-    extra = set(params) - known - {"factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
-                                   "original_max_position_embeddings", "truncate"}
-    return theta, yarn
-  else:
+    known |= {"factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+              "original_max_position_embeddings", "truncate"}
+  elif kind != "default":
     raise ConfigError(f"{f.model_type}: rope_type {kind!r} is not supported (moejax has default and yarn RoPE).")
+  extra = sorted(set(params) - known)
   if extra:
-    raise ConfigError(f"{f.model_type}: unsupported rope_parameters field(s) {sorted(extra)}.")
-  return theta, {}
+    raise ConfigError(f"{f.model_type}: unsupported rope_parameters field(s) {extra}.")
+  return theta, yarn
 
 
 def write_rope(theta: float, yarn: ml_collections.ConfigDict, **extra) -> dict:
@@ -109,13 +108,6 @@ def write_rope(theta: float, yarn: ml_collections.ConfigDict, **extra) -> dict:
   for k in ("mscale", "mscale_all_dim", "attention_factor"):
     if yarn[k]:
       out[k] = yarn[k]
-  return out
-
-
-def yarn_default(yarn: dict) -> dict:
-  """A complete ``yarn`` config dict (defaults filled) from read_rope's updates."""
-  out = yarn_config().to_dict()
-  out.update(yarn)
   return out
 
 

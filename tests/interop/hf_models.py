@@ -61,19 +61,27 @@ CASES = {
 }
 
 
+def config(name: str):
+  """The transformers config of case ``name`` (eager attention)."""
+  import transformers
+
+  cls, kwargs, _ = CASES[name]
+  kwargs = dict(dict(vocab_size=V, hidden_size=32, num_attention_heads=4, max_position_embeddings=1024), **kwargs)
+  if "num_key_value_heads" not in kwargs and not cls.startswith("DeepseekV4"):
+    kwargs["num_key_value_heads"] = 4
+  out = getattr(transformers, cls)(**kwargs)
+  out._attn_implementation = "eager"
+  return out
+
+
 def build(name: str, seed: int = 0):
   """(transformers causal LM in eval mode with random weights, token ids [2, T])."""
   import torch
   import transformers
 
-  cls, kwargs, seq = CASES[name]
-  kwargs = dict(dict(vocab_size=V, hidden_size=32, num_attention_heads=4, max_position_embeddings=1024), **kwargs)
-  if "num_key_value_heads" not in kwargs and not cls.startswith("DeepseekV4"):
-    kwargs["num_key_value_heads"] = 4
-  config = getattr(transformers, cls)(**kwargs)
-  config._attn_implementation = "eager"
+  seq = CASES[name][2]
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  model = transformers.AutoModelForCausalLM.from_config(config(name)).eval()
   randomize(model, seed)
   ids = np.random.default_rng(seed).integers(0, V, size=(2, seq))
   return model, ids

@@ -128,8 +128,7 @@ def test_load_onto_a_mesh_gives_the_same_logits(tmp_path, devices):
 
 
 def _config(name):
-  model, _ = hf_models.build(name)
-  return model.config.to_dict()
+  return hf_models.config(name).to_dict()
 
 
 @pytest.mark.parametrize("change,message", [
@@ -200,6 +199,17 @@ def test_fp8_block_dequantization_matches_a_loop():
   scale = rng.uniform(0.5, 2, size=(3, 4)).astype(np.float32)
   expected = np.array([[w[o, i] * scale[o // 2, i // 2] for i in range(7)] for o in range(5)])
   np.testing.assert_array_equal(dequantize_fp8(w, scale, (2, 2)), expected)
+
+
+def test_configs_hf_cannot_express_are_clear_errors():
+  from moejax.config import base_config
+
+  cfg = hf.config_from_hf(_config("deepseek_v3-dense_first"))
+  cfg.model.mtp.depth = 1
+  with pytest.raises(ConfigError, match="model.mtp.depth=1 has no Hugging Face counterpart"):
+    hf.config_to_hf(cfg)
+  with pytest.raises(ConfigError, match="no Hugging Face architecture matches"):
+    hf.config_to_hf(base_config())  # the dense tiny model: not one of the five MoE architectures
 
 
 def test_config_round_trips_through_hf():

@@ -177,7 +177,11 @@ def _place(reader, model, model_type: str, mesh=None, shardings=None) -> dict:
     if array.shape != leaf.shape:
       raise config_lib.ConfigError(f"checkpoint tensor(s) {entry.hf[:2]} give shape {array.shape}, but moejax "
                                    f"{'/'.join(path)} needs {leaf.shape}; config.json does not match the weights.")
-    flat[path] = jax.device_put(array, placement.get(path))
+    sharding = placement.get(path)
+    if sharding is None:
+      flat[path] = jax.device_put(array)
+    else:  # each device gets its slice; works across processes (every host reads the same files)
+      flat[path] = jax.make_array_from_callback(array.shape, sharding, lambda index, a=array: a[index])
     del array
   return traverse_util.unflatten_dict(flat)
 

@@ -79,8 +79,15 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
 
 
 def _model_section(cfg) -> ml_collections.ConfigDict:
+  """The ``model`` section, as an exportable copy: MTP modules are left out with a
+  logged notice (transformers' architectures do not run them)."""
   cfg = cfg.as_configdict() if isinstance(cfg, ml_collections.FrozenConfigDict) else cfg
-  return cfg.model if "model" in cfg else cfg
+  m = ml_collections.ConfigDict((cfg.model if "model" in cfg else cfg).to_dict())
+  if m.mtp.depth:
+    log.warning("leaving out the %d multi-token-prediction module(s) (model.mtp.depth): the Hugging Face "
+                "architectures do not run them; the main model is exported", m.mtp.depth)
+    m.mtp.depth = 0
+  return m
 
 
 def infer_model_type(model_cfg) -> str:
@@ -231,6 +238,7 @@ def hf_tensors(model, variables, model_type: str | None = None, dtype: str | Non
   arch = _arch(model_type)
   hf_config = arch.hf_config(m)
   flat = traverse_util.flatten_dict({k: v for k, v in nn.meta.unbox(variables).items() if k in COLLECTIONS})
+  flat = {path: v for path, v in flat.items() if not path[1].startswith("mtp_")}  # see _model_section
   entries = _entries(arch, m)
   _check_cover(entries, flat, "save")
 

@@ -205,8 +205,8 @@ def test_configs_hf_cannot_express_are_clear_errors():
   from moejax.config import base_config
 
   cfg = hf.config_from_hf(_config("deepseek_v3-dense_first"))
-  cfg.model.mtp.depth = 1
-  with pytest.raises(ConfigError, match="model.mtp.depth=1 has no Hugging Face counterpart"):
+  cfg.model.attention.sinks = True
+  with pytest.raises(ConfigError, match="model.attention.sinks=True has no Hugging Face counterpart"):
     hf.config_to_hf(cfg)
   with pytest.raises(ConfigError, match="no Hugging Face architecture matches"):
     hf.config_to_hf(base_config())  # the dense tiny model: not one of the five MoE architectures

@@ -83,7 +83,7 @@ class DeepseekV3(Arch):
   def check_writable(self, m) -> None:
     what = f"{self.model_type} config.json"
     checks = (("moe.score", m.moe.score, "sigmoid"), ("moe.score_bias", m.moe.score_bias, True),
-              ("moe.router", m.moe.router, "topk"), ("hc.streams", m.hc.streams, 1), ("mtp.depth", m.mtp.depth, 0),
+              ("moe.router", m.moe.router, "topk"), ("hc.streams", m.hc.streams, 1),
               ("attention.sinks", m.attention.sinks, False), ("moe.swiglu_limit", m.moe.swiglu_limit, 0.0))
     for field, value, want in checks:
       if value != want:

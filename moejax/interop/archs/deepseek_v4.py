@@ -79,7 +79,7 @@ class DeepseekV4(Arch):
   def hf_config(self, m) -> dict:
     a, what = m.attention, "deepseek_v4 config.json"
     for field, value, ok in (("num_kv_heads", m.num_kv_heads, m.num_kv_heads == 1),
-                             ("hc.streams", m.hc.streams, m.hc.streams > 1), ("mtp.depth", m.mtp.depth, m.mtp.depth == 0),
+                             ("hc.streams", m.hc.streams, m.hc.streams > 1),
                              ("moe.num_groups", m.moe.num_groups, m.moe.num_groups == 1),
                              ("moe.score_bias", m.moe.score_bias, m.moe.score_bias),
                              ("moe.router", m.moe.router, m.moe.router == "topk"),

@@ -51,7 +51,7 @@ class _GQAMoE(Arch):
     if len(types) != 1:
       raise unsupported(what, "attention_types", m.attention_types, "HF applies one attention kind to all layers.")
     for field, ok in (("attention.sinks", not m.attention.sinks), ("attention.rope_dim", m.attention.rope_dim == 0),
-                      ("hc.streams", m.hc.streams == 1), ("mtp.depth", m.mtp.depth == 0),
+                      ("hc.streams", m.hc.streams == 1),
                       ("moe.num_shared", m.moe.num_shared == 0), ("moe.score", m.moe.score == "softmax"),
                       ("moe.router", m.moe.router == "topk"), ("moe.score_bias", not m.moe.score_bias),
                       ("moe.num_groups", m.moe.num_groups == 1), ("moe.routed_scale", m.moe.routed_scale == 1.0),

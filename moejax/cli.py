@@ -4,6 +4,8 @@
   moejax eval  --config configs/tiny.py --workdir workdirs/tiny
   moejax generate --config configs/tiny.py --workdir workdirs/tiny --prompt "def main(" --temperature 0.8
   moejax sweep --config configs/tiny.py --sweep experiments/sweeps/optimizers.py
+  moejax convert --from-hf path/to/hf_checkpoint --out workdirs/converted [--dtype bfloat16]
+  moejax convert --to-hf workdirs/converted --out path/to/hf_out
 
 Config overrides use ml-collections' dotted flags; an unknown or ill-typed
 field is an error. All logic lives in the library (``moejax.train``).
@@ -35,6 +37,11 @@ commands:
   sweep   --sweep FILE [--parallel N]: train every run of a sweep (arms x trials x
           seeds, resumable) under --workdir (default workdirs/sweep-<FILE name>) and
           write results.csv, results.md and plots comparing the arms
+  convert --from-hf DIR --out WORKDIR [--dtype float32|bfloat16|float16]: a Hugging Face
+          checkpoint (DeepSeek-V3/V3.2/V4, Qwen3-MoE, Mixtral) -> WORKDIR/config.py,
+          config.json and an Orbax checkpoint that train/eval resume from
+          --to-hf WORKDIR --out DIR [--model-type T] [--dtype D]: the newest checkpoint
+          of WORKDIR -> config.json + safetensors that transformers loads
 """
 
 
@@ -170,7 +177,35 @@ def cmd_sweep(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep}
+def cmd_convert(argv: list[str]) -> int:
+  import argparse
+
+  from moejax.interop import hf
+
+  parser = argparse.ArgumentParser(prog="moejax convert", description="Hugging Face <-> moejax checkpoints.")
+  direction = parser.add_mutually_exclusive_group(required=True)
+  direction.add_argument("--from-hf", metavar="DIR", help="a local HF checkpoint (config.json + *.safetensors)")
+  direction.add_argument("--to-hf", metavar="WORKDIR", help="a moejax workdir (its newest checkpoint)")
+  parser.add_argument("--out", required=True, help="the workdir (--from-hf) or HF directory (--to-hf) to write")
+  parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                      help="parameter dtype (--from-hf, default float32) / stored dtype (--to-hf, default the model's)")
+  parser.add_argument("--model-type", default=None, help="--to-hf: the HF model_type (default: inferred)")
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as exit_:
+    return int(exit_.code or 0)
+  logging.basicConfig(level=logging.INFO, format="moejax convert: %(message)s")
+  if args.from_hf:
+    config_py = hf.convert_from_hf(args.from_hf, args.out, dtype=args.dtype or "float32")
+    print(f"wrote {args.out}; fine-tune with: moejax train --config {config_py} --workdir {args.out}")
+  else:
+    files = hf.convert_to_hf(args.to_hf, args.out, model_type=args.model_type, dtype=args.dtype)
+    print(f"wrote {args.out}: config.json, {', '.join(files)}")
+  return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     return COMMANDS[argv[0]](argv[1:])
-  except (flags.Error, ConfigError, CheckpointMismatchError, FileNotFoundError, KeyError) as err:
+  except (flags.Error, ConfigError, CheckpointMismatchError, FileNotFoundError, KeyError,
+          NotImplementedError) as err:
     print(f"moejax {argv[0]}: error: {err}", file=sys.stderr)
     return 2
   except NonFiniteError as err:

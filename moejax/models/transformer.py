@@ -60,11 +60,11 @@ class Transformer(nn.Module):
         (cfg.vocab_size, cfg.d_model), pdtype)
     x_BxTxD = nn.with_logical_constraint(jnp.take(embed_VxD, inputs_BxT, axis=0).astype(dtype), ACT)
 
-    h, block = expand_streams(x_BxTxD, cfg.hc.streams), block_class(cfg)
+    h = expand_streams(x_BxTxD, cfg.hc.streams)
     schedule = zip(expand_schedule(cfg.attention_types, cfg.num_layers),
-                   expand_schedule(cfg.mlp_types, cfg.num_layers))
-    for i, (attention_type, mlp_type) in enumerate(schedule):
-      h = block(cfg, attention_type, mlp_type, name=f"layer_{i}")(
+                   expand_schedule(cfg.mlp_types, cfg.num_layers), expand_schedule(cfg.remat, cfg.num_layers))
+    for i, (attention_type, mlp_type, remat) in enumerate(schedule):
+      h = block_class(remat)(cfg, attention_type, mlp_type, name=f"layer_{i}")(
           h, positions_BxT, segment_ids_BxT, inputs_BxT)
     x_BxTxD = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(collapse_streams(cfg, h))
 

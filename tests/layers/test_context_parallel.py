@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from moejax.layers.attention import context_parallel as cp
 from moejax.sharding import LOGICAL_RULES
 from tests.layers.test_attention import SMALL, _init, _layer
+from tests.test_train import _run_steps, small_train_cfg
 
 T = 16
 # Row 0: one document; row 1: a document crossing the shard boundaries, a second one, then padding.
@@ -67,7 +68,7 @@ def test_context_sharded_equals_single_device(devices, attention_type, extra):
   x = np.random.default_rng(0).normal(size=(2, T, 32)).astype(np.float32)
   variables = _init(attn, x, POSITIONS, SEGMENTS, scale=20.0)
   (want_loss, (want_y, want_cols)), want_grads = _run(attn, variables, x)
-  (got_loss, (got_y, got_cols)), got_grads = _run(attn, variables, x, _mesh(devices, context=4, data=2))
+  (got_loss, (got_y, got_cols)), got_grads = _run(attn, variables, x, _mesh(devices, context=2, data=2))
   assert_close(got_y, want_y)
   assert_close(got_cols, want_cols)
   assert_close(got_grads, want_grads)
@@ -80,7 +81,7 @@ def test_ring_with_tensor_sharded_heads_and_eight_shards(devices):
   x = np.random.default_rng(1).normal(size=(2, T, 32)).astype(np.float32)
   variables = _init(attn, x, POSITIONS, SEGMENTS, scale=20.0)
   want = _run(attn, variables, x)
-  for mesh in (_mesh(devices, context=2, tensor=2, data=2), _mesh(devices, context=8)):
+  for mesh in (_mesh(devices, context=4, tensor=2), _mesh(devices, context=8)):
     assert_close(_run(attn, variables, x, mesh), want)
 
 
@@ -101,3 +102,21 @@ def test_zigzag_layout_round_trips_and_balances_causal_work(devices):
   work = [sum(int(k <= q) for q in want[d * 2 * half:(d + 1) * 2 * half] for k in range(2 * c * half))
           for d in range(c)]
   assert len(set(work)) == 1, work
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_csa_moe_training_under_context_expert_data_mesh_equals_single_device(devices):
+  """A CSA + MoE layer: one step with context=2 x expert=2 x data=2 gives the single-device loss and
+  updated parameters (so the gradients agree too). Dense ring training under context=4 is in test_train.py."""
+  cfg = small_train_cfg(steps=1)
+  cfg.model.update(num_layers=1, attention_types=("csa",), mlp_types=("moe",))
+  cfg.model.attention.update(q_lora_rank=16, window=8, csa_ratio=4, index_heads=2, index_head_dim=8, index_topk=4,
+                             o_groups=2, o_lora_rank=8, rope_dim=8, chunk_size=8)
+  cfg.model.moe.update(num_experts=4, top_k=2, expert_ffn_dim=32, dispatch="capacity", capacity_factor=4.0)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1, context=1)
+  single_losses, single_params = _run_steps(cfg, devices[:1], 1)
+  cfg.mesh.update(context=2, expert=2, data=2)
+  sharded_losses, sharded_params = _run_steps(cfg, devices, 1)
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+  chex.assert_trees_all_close(sharded_params, single_params, rtol=1e-4, atol=1e-6)

@@ -9,7 +9,8 @@ every block rematerialised), batch 1, one device (the first of
 ``jax.devices()``: CPU, or the GPU when there is one).
 
 * Step: the real ``Experiment`` train step (forward, backward, optimizer
-  update) on one stdlib row of T tokens. Time: wall time of the second step
+  update) on one stdlib row of T tokens, run only if its compiled memory
+  estimate is within ``--budget-gb`` (else the estimate is printed). Time: wall time of the second step
   (the first compiles). Memory: the compiled program's buffers (XLA memory
   analysis: arguments + outputs + temporaries - donated), the process's peak
   RSS (includes the compiler, the data pipeline and Python), and on GPU the
@@ -67,10 +68,13 @@ def compiled_bytes(exp: Experiment) -> int:
   return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 
-def measure_step(seq_len: int) -> dict:
+def measure_step(seq_len: int, budget_bytes: float) -> dict:
+  """Runs two steps at ``seq_len``, or none if the compiled step needs more than ``budget_bytes``."""
   device = jax.devices()[:1]
   exp = Experiment(config(seq_len), device)
   estimate = compiled_bytes(exp)
+  if estimate > budget_bytes:
+    return {"seq_len": seq_len, "compiled_gib": estimate / 2**30, "fits": False}
   state, data = exp.init_state(), exp.data_iterator("train")
   batch = next(data)
   times, losses = [], []
@@ -80,7 +84,7 @@ def measure_step(seq_len: int) -> dict:
     losses.append(float(metrics["loss"]))  # blocks until the step is done
     times.append(time.perf_counter() - start)
   stats = device[0].memory_stats() or {}
-  return {"seq_len": seq_len, "first_step_s": times[0], "step_s": times[1], "loss": losses,
+  return {"seq_len": seq_len, "fits": True, "first_step_s": times[0], "step_s": times[1], "loss": losses,
           "compiled_gib": estimate / 2**30, "rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           "device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "documents": int(batch["segment_ids"].max())}
 
@@ -102,7 +106,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--log2", type=int, default=20, help="log2 of the measured sequence length (20 = 1,048,576)")
   p.add_argument("--base-log2", type=int, default=16, help="log2 of the baseline length measured in the same run")
-  p.add_argument("--budget-gb", type=float, default=20.0, help="memory budget of the search, GiB")
+  p.add_argument("--budget-gb", type=float, default=20.0,
+                 help="memory budget, GiB: the search's limit, and no step runs whose compiled estimate exceeds it")
   p.add_argument("--min-log2", type=int, default=14)
   p.add_argument("--max-log2", type=int, default=24)
   p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
@@ -113,17 +118,23 @@ def main(argv=None):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
   results = {"device": jax.devices()[0].device_kind}
   if not args.skip_step:
-    base, step = measure_step(1 << args.base_log2), measure_step(1 << args.log2)
+    budget = args.budget_gb * 2**30
+    base, step = measure_step(1 << args.base_log2, budget), measure_step(1 << args.log2, budget)
     results["steps"] = [base, step]
     print("| T | step (s) | first step incl. compile (s) | compiled peak (GiB) | RSS peak (GiB) | device peak (GiB) "
           "| loss (2 steps) |")
     print("|---|---|---|---|---|---|---|")
     for r in (base, step):
+      if not r["fits"]:
+        print(f"| {r['seq_len']:,} | does not fit: the compiled step needs {r['compiled_gib']:.1f} GiB "
+              f"> --budget-gb {args.budget_gb:g} | | | | | |")
+        continue
       print(f"| {r['seq_len']:,} | {r['step_s']:.1f} | {r['first_step_s']:.1f} | {r['compiled_gib']:.2f} "
             f"| {r['rss_peak_gib']:.2f} | {r['device_peak_gib']:.2f} | {r['loss'][0]:.3f}, {r['loss'][1]:.3f} |")
-    print(f"ratio T={step['seq_len']:,} / T={base['seq_len']:,}: time x{step['step_s'] / base['step_s']:.1f}, "
-          f"compiled memory x{step['compiled_gib'] / base['compiled_gib']:.1f} "
-          f"(length x{step['seq_len'] // base['seq_len']})", flush=True)
+    if base["fits"] and step["fits"]:
+      print(f"ratio T={step['seq_len']:,} / T={base['seq_len']:,}: time x{step['step_s'] / base['step_s']:.1f}, "
+            f"compiled memory x{step['compiled_gib'] / base['compiled_gib']:.1f} "
+            f"(length x{step['seq_len'] // base['seq_len']})", flush=True)
   if not args.skip_search:
     found = [largest_fitting(s, args.budget_gb * 2**30, args.min_log2, args.max_log2) for s in args.schedules]
     results["search"] = found

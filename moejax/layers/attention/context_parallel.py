@@ -69,7 +69,7 @@ def _head_axis(num_heads: int, num_kv_heads: int):
 
 
 def _specs(q_BxTxHxD, k_BxTxKxD):
-  """(q/out spec, k/v spec, seg spec, lse spec, [H] spec) for a kernel call."""
+  """Specs of a kernel call: (q/out, k/v, segment ids, lse, [H] max logit), and the axes to reduce maxima over."""
   batch = _batch_axes(q_BxTxHxD.shape[0])
   heads = _head_axis(q_BxTxHxD.shape[2], k_BxTxKxD.shape[2])
   kv_heads = heads if k_BxTxKxD.shape[2] > 1 else None
@@ -89,7 +89,7 @@ def cross_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxE, q_idx_Q, k_idx_S, q_seg_BxQ
   (scores [B, chunk, H, S], rematerialised in the backward pass); a query
   with no visible key gets ``lse = NEG`` and a zero output.
   """
-  b, s, kv, d = k_BxSxKxD.shape
+  _, s, kv, d = k_BxSxKxD.shape
   h = q_BxQxHxD.shape[2]
   k_idx_S = jnp.asarray(k_idx_S)
 

@@ -1,5 +1,6 @@
 """Generation: cached decoding of whole models equals the full forward; sampling; the CLI."""
 
+import functools
 import os
 
 import chex
@@ -24,6 +25,7 @@ SCHEDULES = {
 }
 
 
+@functools.cache  # one init compile per schedule for the whole module
 def _model(schedule: str):
   cfg = base_config().model
   overrides = dict(SCHEDULES[schedule])

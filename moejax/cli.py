@@ -2,6 +2,7 @@
 
   moejax train --config configs/tiny.py --workdir workdirs/tiny --config.train.steps=200
   moejax eval  --config configs/tiny.py --workdir workdirs/tiny
+  moejax generate --config configs/tiny.py --workdir workdirs/tiny --prompt "def main(" --temperature 0.8
   moejax sweep --config configs/tiny.py --sweep experiments/sweeps/optimizers.py
   moejax convert --from-hf path/to/hf_checkpoint --out workdirs/converted [--dtype bfloat16]
   moejax convert --to-hf workdirs/converted --out path/to/hf_out
@@ -30,6 +31,9 @@ commands:
           with --task passkey|needle|needle_multi|mqar|perplexity [--lengths 256,1024]
           [--depths 0,0.5,1] [--samples 8]: a depth x length table and heatmap in
           WORKDIR/evals/
+  generate --prompt "..." [--prompt ...] [--prompt_file F] [--max_new_tokens N]
+          [--temperature T --top_k K --top_p P --seed S --prefill_chunk C]: continue
+          the prompts with the latest checkpoint in --workdir, streamed to stdout
   sweep   --sweep FILE [--parallel N]: train every run of a sweep (arms x trials x
           seeds, resumable) under --workdir (default workdirs/sweep-<FILE name>) and
           write results.csv, results.md and plots comparing the arms
@@ -123,6 +127,33 @@ def cmd_eval(argv: list[str]) -> int:
   return 0
 
 
+def _generate_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_multi_string("prompt", [], "a prompt (repeat for a batch)", flag_values=fv)
+  flags.DEFINE_string("prompt_file", None, "a file whose whole text is one more prompt", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate per prompt", flag_values=fv)
+  flags.DEFINE_float("temperature", 1.0, "softmax temperature; 0 = greedy", flag_values=fv)
+  flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)", flag_values=fv)
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling: the smallest set with this probability", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
+  flags.DEFINE_integer("prefill_chunk", 256, "prompt tokens per prefill step", flag_values=fv)
+
+
+def cmd_generate(argv: list[str]) -> int:
+  from moejax.generate import generate_text
+
+  cfg, workdir, fv = _parse("generate", argv, _generate_flags)
+  prompts = list(fv["prompt"].value)
+  if fv["prompt_file"].value:
+    with open(fv["prompt_file"].value) as f:
+      prompts.append(f.read())
+  if not prompts:
+    raise flags.Error('give --prompt "..." (repeatable) or --prompt_file FILE')
+  generate_text(cfg, workdir, prompts, out=sys.stdout, max_new_tokens=fv["max_new_tokens"].value,
+                temperature=fv["temperature"].value, top_k=fv["top_k"].value, top_p=fv["top_p"].value,
+                seed=fv["seed"].value, prefill_chunk=fv["prefill_chunk"].value)
+  return 0
+
+
 def _sweep_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("sweep", None, "sweep file, e.g. experiments/sweeps/optimizers.py", flag_values=fv)
   flags.DEFINE_integer("parallel", 1, "runs at a time, each in its own process", flag_values=fv)
@@ -173,7 +204,8 @@ def cmd_convert(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "convert": cmd_convert}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -551,6 +551,13 @@ def _validate_muon(e: list[str], cfg: ml_collections.ConfigDict) -> None:
   _check(e, o.qk_clip_tau >= 0, f"optim.qk_clip_tau={o.qk_clip_tau} must be >= 0 (0 disables QK-clip).")
   _check(e, len(o.qk_clip_params) == 2,
          f"optim.qk_clip_params={tuple(o.qk_clip_params)} must name two parameters: (query, key).")
+  if o.qk_clip_tau > 0:
+    m = cfg.model
+    types = set(expand_schedule(m.attention_types, max(m.num_layers, 1))) | ({m.mtp.attention_type} if m.mtp.depth
+                                                                             else set())
+    _check(e, types <= _QK_NORM, f"optim.qk_clip_tau={o.qk_clip_tau}: QK-clip rescales per-head (query, key) "
+           f"projections {tuple(o.qk_clip_params)}, which only {sorted(_QK_NORM)} layers have; the schedule "
+           f"also has {sorted(types - _QK_NORM)} (latent / shared-KV projections); set qk_clip_tau=0.")
   _check(e, o.qk_clip_tau == 0 or cfg.model.attention.track_max_logit,
          f"optim.qk_clip_tau={o.qk_clip_tau} needs the attention layers' max logits; set "
          "--config.model.attention.track_max_logit=True (or qk_clip_tau=0).")

@@ -33,6 +33,8 @@ class Block(nn.Module):
   Plain (``model.hc.streams == 1``): x_BxTxD -> x_BxTxD, ``x + f(norm(x))``.
   mHC (N streams): h_BxTxNxD -> h_BxTxNxD, ``post * f(norm(sum_n pre_n h_n)) +
   comb^T h`` (DeepSeek-V4's decoder layer; see ``moejax/layers/hyper.py``).
+  ``decode_len > 0``: T new tokens against the attention's decode cache of
+  ``decode_len`` positions (``attn.decode``, ``moejax/layers/attention/cache.py``).
   """
 
   cfg: ml_collections.FrozenConfigDict
@@ -40,7 +42,7 @@ class Block(nn.Module):
   mlp_type: str
 
   @nn.compact
-  def __call__(self, h, positions_BxT, segment_ids_BxT, token_ids_BxT):
+  def __call__(self, h, positions_BxT, segment_ids_BxT, token_ids_BxT, decode_len: int = 0):
     cfg = self.cfg
     attn = ATTENTION.get(self.attention_type)(cfg=cfg, name="attention")
     mlp = MLP.get(self.mlp_type)(cfg=cfg, name="mlp")
@@ -52,7 +54,11 @@ class Block(nn.Module):
       post, comb, x_BxTxD = HyperConnection(cfg, name=f"{name}_hc")(h)
       return mix_streams(h, sublayer(norm(x_BxTxD)), post, comb)
 
-    h = residual("attention", lambda x: attn(x, positions_BxT, segment_ids_BxT), h)
+    if decode_len:  # a chunk of new tokens against the attention's cache (``cache.py``)
+      attend = lambda x: attn.decode(x, positions_BxT, segment_ids_BxT, decode_len)
+    else:
+      attend = lambda x: attn(x, positions_BxT, segment_ids_BxT)
+    h = residual("attention", attend, h)
     return residual("mlp", lambda x: mlp(x, token_ids_BxT), h)
 
 

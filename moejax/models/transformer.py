@@ -20,7 +20,7 @@ from moejax.config import expand_schedule
 from moejax.layers import DTYPES
 from moejax.layers.hyper import collapse_streams, expand_streams
 from moejax.layers.norms import RMSNorm
-from moejax.models.block import ACT, block_class
+from moejax.models.block import ACT, Block, block_class
 from moejax.models.mtp import MTPModule, shift_left
 
 
@@ -42,12 +42,19 @@ class Transformer(nn.Module):
   multi-token-prediction hidden states — so losses can form logits chunk by
   chunk and never hold ``[B, T, V]`` (see ``moejax/losses.py``). The MTP
   modules run only then (and at init); plain calls give the main logits.
+
+  Decoding (``moejax/generate.py``): ``decode_len = L > 0`` runs the T tokens
+  against per-layer caches for L positions in the ``cache`` collection
+  (``mutable=["cache"]``); ``positions`` must continue each row's cache and
+  ``segment_ids`` mark the real tokens (1), padding (0) last in a row. The
+  MTP modules are not run (no speculative decoding).
   """
 
   cfg: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, return_hidden: bool = False):
+  def __call__(self, inputs_BxT, positions_BxT=None, segment_ids_BxT=None, return_hidden: bool = False,
+               decode_len: int = 0):
     cfg = self.cfg
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     if positions_BxT is None:
@@ -60,12 +67,12 @@ class Transformer(nn.Module):
         (cfg.vocab_size, cfg.d_model), pdtype)
     x_BxTxD = nn.with_logical_constraint(jnp.take(embed_VxD, inputs_BxT, axis=0).astype(dtype), ACT)
 
-    h, block = expand_streams(x_BxTxD, cfg.hc.streams), block_class(cfg)
+    h, block = expand_streams(x_BxTxD, cfg.hc.streams), (Block if decode_len else block_class(cfg))
     schedule = zip(expand_schedule(cfg.attention_types, cfg.num_layers),
                    expand_schedule(cfg.mlp_types, cfg.num_layers))
     for i, (attention_type, mlp_type) in enumerate(schedule):
       h = block(cfg, attention_type, mlp_type, name=f"layer_{i}")(
-          h, positions_BxT, segment_ids_BxT, inputs_BxT)
+          h, positions_BxT, segment_ids_BxT, inputs_BxT, decode_len)
     x_BxTxD = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(collapse_streams(cfg, h))
 
     if cfg.tie_embeddings:
@@ -75,7 +82,9 @@ class Transformer(nn.Module):
           "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
           (cfg.d_model, cfg.vocab_size), pdtype)
 
-    if return_hidden or self.is_initializing():
+    if decode_len and return_hidden:  # decoding: no MTP modules
+      return Hidden(x_BxTxD, head_DxV.astype(dtype), ())
+    if (return_hidden or self.is_initializing()) and not decode_len:
       mtp_hidden, h_BxTxD = [], x_BxTxD
       for k in range(1, cfg.mtp.depth + 1):
         h_BxTxD = MTPModule(cfg, name=f"mtp_{k}")(

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax.layers.attention import ATTENTION, core, indexer, options
+from moejax.layers.attention import ATTENTION, cache, core, indexer, options
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import Rope, apply_rope
 
@@ -58,46 +58,109 @@ class Entries(NamedTuple):
 
   kv_BxNxK: jax.Array  # rotated, normalised
   last_N: jax.Array     # index of the last pooled token: query t sees entry w iff last[w] <= t
-  segment_BxN: jax.Array  # the document all pooled tokens belong to, -1 if they straddle two
+  segment_BxN: jax.Array  # the document all pooled tokens belong to, -1 if they straddle two (or empty)
 
-  def visible(self, q_idx_Q, q_seg_BxQ):
-    """Bool [B, Q, N]."""
-    return ((self.last_N[None, None, :] <= q_idx_Q[None, :, None])
+  def visible(self, q_idx_BxQ, q_seg_BxQ):
+    """Bool [B, Q, N] (query indices [Q] or [B, Q])."""
+    q_idx = jnp.broadcast_to(q_idx_BxQ, q_seg_BxQ.shape)
+    return ((self.last_N[None, None, :] <= q_idx[:, :, None])
             & (self.segment_BxN[:, None, :] == q_seg_BxQ[:, :, None]) & (q_seg_BxQ > 0)[:, :, None])
+
+
+def compress_rows(module: nn.Module, x_BxTxD, offset_BxT, ratio: int, dim: int, overlap: bool):
+  """Per-token rows of the pooling: (kv_BxTxC, gate_BxTxC float32 incl. the position bias), C = c * dim.
+
+  ``offset`` is each token's place in its window (``t % ratio``). Creates,
+  on ``module``: ``w_kv``/``w_gate [D, C]``, ``position_bias [ratio, C]``
+  (float32, zeros), with c = 2 (Ca, Cb) if ``overlap`` else 1.
+  """
+  c = (2 if overlap else 1) * dim
+  w_kv = options.weight(module, "w_kv", (module.cfg.d_model, c), ("embed", "head_dim"))
+  w_gate = options.weight(module, "w_gate", (module.cfg.d_model, c), ("embed", "head_dim"))
+  bias = module.param("position_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "head_dim")),
+                      (ratio, c), jnp.float32)
+  x = x_BxTxD.astype(w_kv.dtype)
+  gate = jnp.einsum("BTD,DC->BTC", x, w_gate).astype(jnp.float32) + bias[offset_BxT]
+  return jnp.einsum("BTD,DC->BTC", x, w_kv), gate
+
+
+def pool(module: nn.Module, kv_BxNxJxK, gate_BxNxJxK, start_positions_BxN, rope: Rope):
+  """Entries ``rope(rmsnorm(sum_j softmax_j(gate) * kv))`` [B, N, K]; creates ``kv_norm`` on ``module``."""
+  weights = jax.nn.softmax(gate_BxNxJxK, axis=2).astype(kv_BxNxJxK.dtype)
+  dtype, pdtype = options.dtypes(module.cfg)
+  pooled_BxNxK = RMSNorm(module.cfg.norm_eps, dtype, pdtype, name="kv_norm")(jnp.sum(weights * kv_BxNxJxK, axis=2))
+  return apply_rope(pooled_BxNxK, start_positions_BxN, rope)
 
 
 def compress(module: nn.Module, x_BxTxD, positions_BxT, segment_ids_BxT, ratio: int, dim: int, overlap: bool,
              rope: Rope) -> Entries:
   """Softmax-gated pooling of each complete window of ``ratio`` tokens (see module doc).
 
-  Creates, on ``module``: ``w_kv``/``w_gate [D, c*dim]``, ``position_bias
-  [ratio, c*dim]`` (float32, zeros) and ``kv_norm``, with c = 2 (Ca, Cb) if
-  ``overlap`` else 1. A trailing incomplete window yields no entry.
+  Parameters: :func:`compress_rows`' and ``kv_norm``. A trailing incomplete
+  window yields no entry.
   """
-  cfg = module.cfg
-  c = 2 if overlap else 1
-  w_kv = options.weight(module, "w_kv", (cfg.d_model, c * dim), ("embed", "head_dim"))
-  w_gate = options.weight(module, "w_gate", (cfg.d_model, c * dim), ("embed", "head_dim"))
-  bias = module.param("position_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "head_dim")),
-                      (ratio, c * dim), jnp.float32)
   b, t = segment_ids_BxT.shape
   n = t // ratio
-  x = x_BxTxD[:, :n * ratio].astype(w_kv.dtype).reshape(b, n, ratio, cfg.d_model)
-  kv_BxNxMxC = jnp.einsum("BNMD,DC->BNMC", x, w_kv)
-  gate_BxNxMxC = jnp.einsum("BNMD,DC->BNMC", x, w_gate).astype(jnp.float32) + bias
+  offset_BxT = jnp.broadcast_to(jnp.arange(n * ratio) % ratio, (b, n * ratio))
+  kv_BxTxC, gate_BxTxC = compress_rows(module, x_BxTxD[:, :n * ratio], offset_BxT, ratio, dim, overlap)
+  kv_BxNxMxC = kv_BxTxC.reshape(b, n, ratio, kv_BxTxC.shape[-1])
+  gate_BxNxMxC = gate_BxTxC.reshape(b, n, ratio, gate_BxTxC.shape[-1])
   if overlap:  # entry w pools Ca (channels :dim) of window w-1 and Cb (dim:) of window w
     shift = lambda a, fill: jnp.pad(a[:, :-1, :, :dim], [(0, 0), (1, 0), (0, 0), (0, 0)], constant_values=fill)
     kv_BxNxMxC = jnp.concatenate([shift(kv_BxNxMxC, 0), kv_BxNxMxC[..., dim:]], axis=2)
     gate_BxNxMxC = jnp.concatenate([shift(gate_BxNxMxC, core.NEG), gate_BxNxMxC[..., dim:]], axis=2)
-  weights = jax.nn.softmax(gate_BxNxMxC, axis=2).astype(kv_BxNxMxC.dtype)
-  dtype, pdtype = options.dtypes(cfg)
-  pooled_BxNxK = RMSNorm(cfg.norm_eps, dtype, pdtype, name="kv_norm")(jnp.sum(weights * kv_BxNxMxC, axis=2))
   starts = np.arange(n) * ratio  # static
-  kv_BxNxK = apply_rope(pooled_BxNxK, positions_BxT[:, starts], rope)
+  kv_BxNxK = pool(module, kv_BxNxMxC, gate_BxNxMxC, positions_BxT[:, starts], rope)
   first = np.maximum(starts - ratio, 0) if overlap else starts
   last = starts + ratio - 1
   seg_first, seg_last = segment_ids_BxT[:, first], segment_ids_BxT[:, last]
   return Entries(kv_BxNxK, last, jnp.where(seg_first == seg_last, seg_last, -1))
+
+
+def compress_decode(module: nn.Module, x_BxCxD, positions_BxC, step: cache.Step, max_len: int, ratio: int,
+                    dim: int, overlap: bool, rope: Rope) -> Entries:
+  """:func:`compress` for a decode chunk: the entries of the whole cache after this chunk.
+
+  Cache variables on ``module``: ``entries [B, max_len // ratio, dim]`` (entry
+  w in slot w) and the partial-window state ``kv_rows``/``gate_rows [B, c m,
+  c dim]``, the rows of the row's last c m tokens (c = 2 for csa: the
+  incomplete window and the previous window, whose Ca half the next entry
+  pools). Entries completed by the chunk (at most ceil(C / m) per row) are
+  pooled from ``[state | chunk]`` rows and written; entry w is visible to
+  queries at positions >= ``(w + 1) m - 1``.
+  """
+  b, c = x_BxCxD.shape[:2]
+  hist = (2 if overlap else 1) * ratio
+  kv_BxCxC, gate_BxCxC = compress_rows(module, x_BxCxD, step.q_pos_BxC % ratio, ratio, dim, overlap)
+  kv_state = module.variable("cache", "kv_rows", jnp.zeros, (b, hist, kv_BxCxC.shape[-1]), kv_BxCxC.dtype)
+  gate_state = module.variable("cache", "gate_rows", jnp.zeros, (b, hist, kv_BxCxC.shape[-1]), jnp.float32)
+  base_B = step.index_B - hist  # position of row 0 of [state | chunk]
+  kv_rows = jnp.concatenate([kv_state.value, kv_BxCxC], axis=1)
+  gate_rows = jnp.concatenate([gate_state.value, gate_BxCxC], axis=1)
+  before_start = (base_B[:, None] + jnp.arange(hist + c)) < 0  # rows before the sequence (the Ca of window -1)
+  gate_rows = jnp.where(before_start[:, :, None], core.NEG, gate_rows)
+
+  window_BxJ = step.index_B[:, None] // ratio + jnp.arange(-(-c // ratio))  # windows that may complete
+  done_BxJ = (window_BxJ + 1) * ratio <= (step.index_B + step.count_B)[:, None]
+  rows_BxJxM = (window_BxJ * ratio - base_B[:, None])[:, :, None] + jnp.arange(ratio)
+  take = lambda rows, at: indexer.gather(rows, jnp.clip(at, 0, hist + c - 1))  # rows[b, at[b, ...]]
+  kv_BxJxMxC, gate_BxJxMxC = take(kv_rows, rows_BxJxM), take(gate_rows, rows_BxJxM)
+  if overlap:  # Ca (:dim) of the previous window, Cb (dim:) of this one
+    prev = lambda rows: take(rows, rows_BxJxM - ratio)[..., :dim]
+    kv_BxJxMxC = jnp.concatenate([prev(kv_rows), kv_BxJxMxC[..., dim:]], axis=2)
+    gate_BxJxMxC = jnp.concatenate([prev(gate_rows), gate_BxJxMxC[..., dim:]], axis=2)
+  new_BxJxK = pool(module, kv_BxJxMxC, gate_BxJxMxC, window_BxJ * ratio, rope)
+
+  n = max_len // ratio
+  entries = module.variable("cache", "entries", jnp.zeros, (b, n, dim), new_BxJxK.dtype)
+  slot_BxJ = jnp.where(done_BxJ, window_BxJ, n)  # not complete: dropped
+  entries.value = entries.value.at[jnp.arange(b)[:, None], slot_BxJ].set(new_BxJxK, mode="drop")
+  keep_BxH = step.count_B[:, None] + jnp.arange(hist)  # the last ``hist`` positions after the chunk
+  kv_state.value = take(kv_rows, keep_BxH)
+  gate_state.value = take(gate_rows, keep_BxH)
+  last_N = np.arange(n) * ratio + ratio - 1
+  filled_BxN = last_N[None, :] < (step.index_B + step.count_B)[:, None]
+  return Entries(entries.value, last_N, jnp.where(filled_BxN, 1, -1))
 
 
 class Compressor(nn.Module):
@@ -109,7 +172,11 @@ class Compressor(nn.Module):
   rope: Rope
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode: tuple[cache.Step, int] | None = None):
+    """``decode = (step, max_len)``: a decode chunk (:func:`compress_decode`)."""
+    if decode:
+      return compress_decode(self, x_BxTxD, positions_BxT, *decode, self.ratio, options.head_dim(self.cfg),
+                             self.overlap, self.rope)
     return compress(self, x_BxTxD, positions_BxT, segment_ids_BxT, self.ratio, options.head_dim(self.cfg),
                     self.overlap, self.rope)
 
@@ -121,10 +188,15 @@ class CompressedIndexer(nn.Module):
   rope: Rope
 
   @nn.compact
-  def __call__(self, x_BxTxD, q_resid_BxTxRq, positions_BxT, segment_ids_BxT):
+  def __call__(self, x_BxTxD, q_resid_BxTxRq, positions_BxT, segment_ids_BxT,
+               decode: tuple[cache.Step, int] | None = None):
     a = self.cfg.attention
-    entries = compress(self, x_BxTxD, positions_BxT, segment_ids_BxT, a.csa_ratio, a.index_head_dim, True,
-                       self.rope)
+    if decode:
+      entries = compress_decode(self, x_BxTxD, positions_BxT, *decode, a.csa_ratio, a.index_head_dim, True,
+                                self.rope)
+    else:
+      entries = compress(self, x_BxTxD, positions_BxT, segment_ids_BxT, a.csa_ratio, a.index_head_dim, True,
+                         self.rope)
     q_BxTxJxI, w_BxTxJ = indexer.indexer_queries(self, x_BxTxD, q_resid_BxTxRq, positions_BxT, self.rope)
     return q_BxTxJxI, w_BxTxJ, entries
 
@@ -193,17 +265,22 @@ class V4Attention(nn.Module):
           use_xla=options.use_xla_kernel(self.cfg, x_BxTxD.shape[1]), track_max_logit=a.track_max_logit, **kw)
     else:
       window = core.flash_attention(q_BxTxHxDh, kv_BxTx1xDh, kv_BxTx1xDh, segment_ids_BxT, **kw)
-      compressed, sums, recall = self.compressed_part(q_BxTxHxDh, segment_ids_BxT, entries, picks, window[1])
+      q_idx_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), segment_ids_BxT.shape)
+      compressed, sums, recall = self.compressed_part(q_BxTxHxDh, q_idx_BxT, segment_ids_BxT, entries, picks,
+                                                      window[1])
       out, _ = core.merge([window[:2], compressed], self.sinks_H)
       max_logit = jnp.maximum(window[2], sums.pop("max_logit"))
       indexer.sow_training(self, sums, recall)
     core.sow_max_logit(self, max_logit, a.track_max_logit)
     return self.output(out, positions_BxT)
 
-  def compressed_part(self, q_BxTxHxDh, segment_ids_BxT, entries: Entries, picks, window_lse_BxTxH):
+  def compressed_part(self, q_BxTxHxDh, q_idx_BxT, segment_ids_BxT, entries: Entries, picks, window_lse_BxTxH,
+                      training: bool = True):
     """Attention over the compressed entries: ((out, lse), sums, recall or None), a query chunk at a time.
 
-    ``picks`` = the indexer's (q_BxTxJxI, w_BxTxJ, Entries) for csa, None for hca (all entries).
+    ``picks`` = the indexer's (q_BxTxJxI, w_BxTxJ, Entries) for csa, None for
+    hca (all entries); ``q_idx`` the queries' token indices (``Entries.visible``).
+    ``training=False`` (decoding) skips the indexer's KL and recall.
     """
     a = self.cfg.attention
     n = entries.kv_BxNxK.shape[1]
@@ -213,9 +290,9 @@ class V4Attention(nn.Module):
     dense = stage in ("dense", "warmup")
     top = min(a.index_topk, n)
 
-    def chunk(start, xs, seg_BxQ):
-      q, lse_w, q_i_c, w_i_c = xs
-      valid_BxQxN = entries.visible(start + jnp.arange(seg_BxQ.shape[1]), seg_BxQ)
+    def chunk(_, xs, seg_BxQ):
+      q, lse_w, q_i_c, w_i_c, q_idx_BxQ = xs
+      valid_BxQxN = entries.visible(q_idx_BxQ, seg_BxQ)
       if dense:
         keys, ok, spec = entries.kv_BxNxK, valid_BxQxN, "BS"
       else:
@@ -224,7 +301,7 @@ class V4Attention(nn.Module):
       logits = jnp.einsum(f"BQHK,{spec}K->BQHS", q, keys, preferred_element_type=jnp.float32) * self.scale
       out, lse, max_logit = core.masked_attention(logits, keys, ok, spec)
       sums = {"max_logit": max_logit}
-      if stage in ("warmup", "sparse"):
+      if training and stage in ("warmup", "sparse"):
         if dense:
           index = indexer.scores(q_i_c, w_i_c, idx_entries.kv_BxNxK)
         else:
@@ -234,10 +311,10 @@ class V4Attention(nn.Module):
       return (out.astype(q.dtype), lse), sums
 
     rows = core.chunk_rows(a.chunk_size, n * (self.cfg.num_heads if dense else 1))  # [rows, H or 1, N] scores
-    compressed, sums = core.map_query_chunks(chunk, rows, (q_BxTxHxDh, window_lse_BxTxH, q_i, w_i),
+    compressed, sums = core.map_query_chunks(chunk, rows, (q_BxTxHxDh, window_lse_BxTxH, q_i, w_i, q_idx_BxT),
                                              segment_ids_BxT)
     recall = None
-    if self.compression == "csa" and indexer.wants_recall(self):
+    if training and self.compression == "csa" and indexer.wants_recall(self):
       rows = indexer.recall_rows(segment_ids_BxT.shape[1], a.indexer_recall_queries)
       seg_BxR = segment_ids_BxT[:, rows]
       logits = jnp.einsum("BRHK,BNK->BRHN", q_BxTxHxDh[:, rows], entries.kv_BxNxK,
@@ -245,6 +322,30 @@ class V4Attention(nn.Module):
       index = indexer.scores(q_i[:, rows], w_i[:, rows], idx_entries.kv_BxNxK)
       recall = indexer.recall(logits, entries.visible(jnp.asarray(rows), seg_BxR), index, top, seg_BxR > 0)
     return compressed, sums, recall
+
+
+  @nn.compact
+  def decode(self, x_BxCxD, positions_BxC, segment_ids_BxC, max_len: int):
+    """x_BxCxD -> y_BxCxD with a ring ``kv [B, window, Dh]`` of the shared key=value and, for
+    csa/hca, the compressor's (and csa's indexer's) entry caches (:func:`compress_decode`)."""
+    a = self.cfg.attention
+    step = cache.begin(self, segment_ids_BxC)
+    q_resid, q_BxCxHxDh, kv_BxCxDh = self.project(x_BxCxD, positions_BxC)
+    size = min(a.window, max_len)
+    kv_BxSx1xDh = cache.extend(self, "kv", step, kv_BxCxDh, size)[:, :, None]
+    window = cache.attend(q_BxCxHxDh, kv_BxSx1xDh, kv_BxSx1xDh, cache.visible(step, size, a.window),
+                          scale=self.scale, block=a.chunk_size)
+    parts = [window]
+    if self.compression != "none":
+      entries = self.compressor(x_BxCxD, positions_BxC, segment_ids_BxC, decode=(step, max_len))
+      picks = None
+      if self.compression == "csa":
+        picks = self.indexer(x_BxCxD, q_resid, positions_BxC, segment_ids_BxC, decode=(step, max_len))
+      compressed, _, _ = self.compressed_part(q_BxCxHxDh, step.q_pos_BxC, step.q_seg_BxC, entries, picks,
+                                              window[1], training=False)
+      parts.append(compressed)
+    out, _ = core.merge(parts, self.sinks_H)
+    return self.output(out, positions_BxC)
 
 
 @ATTENTION.register("swa")

@@ -36,13 +36,18 @@ SCORE_BUDGET = 1 << 24  # float32 score elements one query chunk may hold (64 Mi
 
 
 def visible(q_idx_Q, k_idx_S, q_seg_BxQ, k_seg_BxS, window: int = 0):
-  """Bool [B, Q, S]: causal, same document, padding sees itself, within the window."""
-  causal_QxS = k_idx_S[None, :] <= q_idx_Q[:, None]
+  """Bool [B, Q, S]: causal, same document, padding sees itself, within the window.
+
+  Indices are shared by the batch (``[Q]``, ``[S]``) or per row (``[B, Q]``,
+  ``[B, S]``: a decode cache, where each row has its own fill level).
+  """
+  q_idx, k_idx = q_idx_Q[..., :, None], k_idx_S[..., None, :]
+  causal = k_idx <= q_idx
   if window:
-    causal_QxS &= k_idx_S[None, :] > q_idx_Q[:, None] - window
+    causal &= k_idx > q_idx - window
   same_BxQxS = q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :]
-  real_BxQxS = (q_seg_BxQ > 0)[:, :, None] | (k_idx_S[None, :] == q_idx_Q[:, None])[None]
-  return causal_QxS[None] & same_BxQxS & real_BxQxS
+  real_BxQxS = (q_seg_BxQ > 0)[:, :, None] | (k_idx == q_idx)
+  return causal & same_BxQxS & real_BxQxS
 
 
 def chunk_rows(chunk: int, columns: int) -> int:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers.attention import ATTENTION, core, options
+from moejax.layers.attention import ATTENTION, cache, core, options
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
 
@@ -32,6 +32,10 @@ class DenseAttention(nn.Module):
 
   def window(self) -> int:
     return 0
+
+  def cache_size(self, max_len: int) -> int:
+    """Slots of the k/v ring: every position (dense) or the last ``window`` (sliding)."""
+    return min(self.window() or max_len, max_len)
 
   def setup(self):
     cfg = self.cfg
@@ -70,3 +74,18 @@ class DenseAttention(nn.Module):
         track_max_logit=a.track_max_logit)
     core.sow_max_logit(self, max_logit_H, a.track_max_logit)
     return jnp.einsum("BTHK,HKD->BTD", out_BxTxHxDh, self.w_o)
+
+  @nn.compact
+  def decode(self, x_BxCxD, positions_BxC, segment_ids_BxC, max_len: int):
+    """x_BxCxD -> y_BxCxD with a k/v cache ``k``, ``v`` [B, S, K, Dh] (see ``cache.py``)."""
+    a = self.cfg.attention
+    step = cache.begin(self, segment_ids_BxC)
+    q_BxCxHxDh, k_BxCxKxDh, v_BxCxKxDh = self.project(x_BxCxD, positions_BxC)
+    size = self.cache_size(max_len)
+    k_BxSxKxDh = cache.extend(self, "k", step, k_BxCxKxDh, size)
+    v_BxSxKxDh = cache.extend(self, "v", step, v_BxCxKxDh, size)
+    scale = q_BxCxHxDh.shape[-1] ** -0.5 * self.rope.softmax_scale
+    out = cache.attend(q_BxCxHxDh, k_BxSxKxDh, v_BxSxKxDh, cache.visible(step, size, self.window()),
+                       scale=scale, block=a.chunk_size)
+    out_BxCxHxDh, _ = core.merge([out], self.sinks_H)
+    return jnp.einsum("BTHK,HKD->BTD", out_BxCxHxDh, self.w_o)

@@ -18,7 +18,9 @@ weights_proj, wk, k_norm}``).
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.attention import ATTENTION, core, indexer, options
+import flax.linen as nn
+
+from moejax.layers.attention import ATTENTION, cache, core, indexer, options
 from moejax.layers.attention.mla import MLAProjection, MLAttention
 
 
@@ -41,25 +43,33 @@ class DSAttention(MLAttention):
       out_BxTxHxDv, max_logit_H = self.dense_core(p, segment_ids_BxT)
       sums = self._warmup_kl(p, q_i, w_i, k_i, segment_ids_BxT)
     else:
-      out_BxTxHxDv, sums = self.sparse_core(p, q_i, w_i, k_i, segment_ids_BxT, top, a.indexer_stage == "sparse")
+      t = segment_ids_BxT.shape[1]
+      idx_T = jnp.arange(t)
+      out_BxTxHxDv, sums = self.sparse_core(
+          p, q_i, w_i, self.latent_keys(p), k_i, jnp.broadcast_to(idx_T, segment_ids_BxT.shape), segment_ids_BxT,
+          idx_T, segment_ids_BxT, top, a.indexer_stage == "sparse")
       max_logit_H = sums.pop("max_logit")
     core.sow_max_logit(self, max_logit_H, a.track_max_logit)
     recall = self._recall(p, q_i, w_i, k_i, segment_ids_BxT, top) if indexer.wants_recall(self) else None
     indexer.sow_training(self, sums, recall)
     return self.output(out_BxTxHxDv)
 
-  def sparse_core(self, p: MLAProjection, q_i, w_i, k_i, segment_ids_BxT, top: int, with_kl: bool):
-    """(out_BxTxHxDv, sums): absorbed MLA over the top-``top`` keys, a query chunk at a time."""
-    t = segment_ids_BxT.shape[1]
-    keys_BxTxK = self.latent_keys(p)
+  def sparse_core(self, p: MLAProjection, q_i, w_i, keys_BxSxK, k_i_BxSxI, q_idx_BxT, segment_ids_BxT,
+                  k_idx_S, k_seg_BxS, top: int, with_kl: bool):
+    """(out_BxTxHxDv, sums): absorbed MLA over the top-``top`` keys, a query chunk at a time.
+
+    Keys (latent ``[c | k_rope]`` and indexer keys) are indexed by ``k_idx``
+    ([S] or, from a decode cache, [B, S]) in documents ``k_seg``; queries by
+    ``q_idx_BxT`` in ``segment_ids_BxT`` (``core.visible``).
+    """
     r = self.cfg.attention.kv_lora_rank
     sg = jax.lax.stop_gradient
 
-    def chunk(start, xs, seg_BxQ):
-      q_nope, q_rope, q_i_c, w_i_c = xs
-      valid_BxQxS = core.visible(start + jnp.arange(seg_BxQ.shape[1]), jnp.arange(t), seg_BxQ, segment_ids_BxT)
-      idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(k_i)), valid_BxQxS, top)
-      keys_BxQxSxK = indexer.gather(keys_BxTxK, idx)
+    def chunk(_, xs, seg_BxQ):
+      q_nope, q_rope, q_i_c, w_i_c, q_idx_BxQ = xs
+      valid_BxQxS = core.visible(q_idx_BxQ, k_idx_S, seg_BxQ, k_seg_BxS)
+      idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(k_i_BxSxI)), valid_BxQxS, top)
+      keys_BxQxSxK = indexer.gather(keys_BxSxK, idx)
       logits = jnp.einsum("BQHK,BQSK->BQHS", self.absorb_query(q_nope, q_rope), keys_BxQxSxK,
                           preferred_element_type=jnp.float32) * self.scale
       out, lse, max_logit = core.masked_attention(logits, keys_BxQxSxK[..., :r], ok, "BQS")
@@ -67,13 +77,32 @@ class DSAttention(MLAttention):
         out, lse = core.merge([(out, lse)], self.sinks_H)
       sums = {"max_logit": max_logit}
       if with_kl:
-        index_sel = indexer.gathered_scores(q_i_c, w_i_c, indexer.gather(k_i, idx))
+        index_sel = indexer.gathered_scores(q_i_c, w_i_c, indexer.gather(k_i_BxSxI, idx))
         sums.update(indexer.kl_to_main(logits, lse, index_sel, ok, seg_BxQ > 0))
-      return self.unabsorb_output(out.astype(keys_BxTxK.dtype)), sums
+      return self.unabsorb_output(out.astype(keys_BxSxK.dtype)), sums
 
-    per_query = (p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr, q_i, w_i)
-    return core.map_query_chunks(chunk, core.chunk_rows(self.cfg.attention.chunk_size, t), per_query,
-                                 segment_ids_BxT)
+    per_query = (p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr, q_i, w_i, q_idx_BxT)
+    return core.map_query_chunks(chunk, core.chunk_rows(self.cfg.attention.chunk_size, keys_BxSxK.shape[1]),
+                                 per_query, segment_ids_BxT)
+
+  @nn.compact
+  def decode(self, x_BxCxD, positions_BxC, segment_ids_BxC, max_len: int):
+    """x_BxCxD -> y_BxCxD with the latent cache ``latent`` [B, S, R + Dr] and ``index_keys`` [B, S, I].
+
+    Same stages as training: ``warmup`` attends densely, else over the
+    indexer's top-``index_topk`` cached keys (no KL is computed).
+    """
+    a = self.cfg.attention
+    step, p, keys_BxSxK = self.decode_step(x_BxCxD, positions_BxC, segment_ids_BxC, max_len)
+    q_i, w_i, k_i = self.indexer(x_BxCxD, p.q_resid_BxTxRq, positions_BxC)
+    k_i_BxSxI = cache.extend(self, "index_keys", step, k_i, max_len)
+    if a.indexer_stage == "warmup":
+      return self.output(self.absorbed_dense(p, keys_BxSxK, cache.visible(step, max_len)))
+    k_idx, k_seg = cache.keys(step, max_len)
+    top = min(a.index_topk, keys_BxSxK.shape[1])
+    out_BxCxHxDv, _ = self.sparse_core(p, q_i, w_i, keys_BxSxK, k_i_BxSxI, step.q_pos_BxC, step.q_seg_BxC,
+                                       k_idx, k_seg, top, with_kl=False)
+    return self.output(out_BxCxHxDv)
 
   def _dense_logits(self, p: MLAProjection, q_nope, q_rope):
     """Absorbed logits of some queries against every key, float32 [B, Q, H, T]."""

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers.attention import ATTENTION, core, options
+from moejax.layers.attention import ATTENTION, cache, core, options
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
 
@@ -133,3 +133,23 @@ class MLAttention(nn.Module):
     out_BxTxHxDv, max_logit_H = self.dense_core(self.project(x_BxTxD, positions_BxT), segment_ids_BxT, absorbed)
     core.sow_max_logit(self, max_logit_H, self.cfg.attention.track_max_logit)
     return self.output(out_BxTxHxDv)
+
+  def decode_step(self, x_BxCxD, positions_BxC, segment_ids_BxC, max_len: int):
+    """(step, projection, latent keys [B, S + C, R + Dr] = ``[cache | chunk]``); caches ``latent``."""
+    step = cache.begin(self, segment_ids_BxC)
+    p = self.project(x_BxCxD, positions_BxC)
+    return step, p, cache.extend(self, "latent", step, self.latent_keys(p), max_len)
+
+  def absorbed_dense(self, p: MLAProjection, keys_BxSxK, valid_BxCxS):
+    """Absorbed MLA over the visible latent keys, sinks included: out_BxCxHxDv."""
+    r = self.cfg.attention.kv_lora_rank
+    out = cache.attend(self.absorb_query(p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr), keys_BxSxK[:, :, None],
+                       keys_BxSxK[:, :, None, :r], valid_BxCxS, scale=self.scale, block=self.cfg.attention.chunk_size)
+    out_BxCxHxR, _ = core.merge([out], self.sinks_H)
+    return self.unabsorb_output(out_BxCxHxR)
+
+  @nn.compact
+  def decode(self, x_BxCxD, positions_BxC, segment_ids_BxC, max_len: int):
+    """x_BxCxD -> y_BxCxD, absorbed, with the latent cache ``latent`` [B, S, R + Dr] (``cache.py``)."""
+    step, p, keys_BxSxK = self.decode_step(x_BxCxD, positions_BxC, segment_ids_BxC, max_len)
+    return self.output(self.absorbed_dense(p, keys_BxSxK, cache.visible(step, max_len)))

@@ -73,7 +73,7 @@ class Transformer(nn.Module):
     for i, (attention_type, mlp_type, remat) in enumerate(schedule):
       block = Block if decode_len else block_class(remat)  # decoding: no remat (no backward pass)
       h = block(cfg, attention_type, mlp_type, name=f"layer_{i}")(
-          h, positions_BxT, segment_ids_BxT, inputs_BxT, *([decode_len] if decode_len else []))  # remat: no ints
+          h, positions_BxT, segment_ids_BxT, inputs_BxT, decode_len)  # static under remat (block_class)
     x_BxTxD = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(collapse_streams(cfg, h))
 
     if cfg.tie_embeddings:

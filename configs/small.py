@@ -14,7 +14,7 @@ from moejax.config import base_config
 def get_config(arg: str | None = None):
   c = base_config()
   c.model.update(num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, ffn_dim=2048,
-                 vocab_size=32_768, dtype="bfloat16", param_dtype="float32", remat="dots_no_batch")
+                 vocab_size=32_768, dtype="bfloat16", param_dtype="float32", remat=("dots_no_batch",))
   c.data.seq_len = 2048
   c.train.update(steps=20_000, batch_size=64, log_every=50, eval_every=1000, eval_batches=16,
                  checkpoint_every=1000)

@@ -2,8 +2,11 @@
 
   moejax train --config configs/tiny.py --workdir workdirs/tiny --config.train.steps=200
   moejax eval  --config configs/tiny.py --workdir workdirs/tiny
+  moejax generate --config configs/tiny.py --workdir workdirs/tiny --prompt "def main(" --temperature 0.8
   moejax sweep --config configs/tiny.py --sweep experiments/sweeps/optimizers.py
   moejax distill --config configs/distill_tiny.py --workdir workdirs/distill_tiny
+  moejax convert --from-hf path/to/hf_checkpoint --out workdirs/converted [--dtype bfloat16]
+  moejax convert --to-hf workdirs/converted --out path/to/hf_out
 
 Config overrides use ml-collections' dotted flags; an unknown or ill-typed
 field is an error. All logic lives in the library (``moejax.train``).
@@ -32,9 +35,17 @@ commands:
   distill train each domain's specialist (resumable), then distill them into the
           student over the full vocabulary; leaves teachers/<domain>/, the student's
           checkpoints and metrics.jsonl, and distill_report.md in --workdir
+  generate --prompt "..." [--prompt ...] [--prompt_file F] [--max_new_tokens N]
+          [--temperature T --top_k K --top_p P --seed S --prefill_chunk C]: continue
+          the prompts with the latest checkpoint in --workdir, streamed to stdout
   sweep   --sweep FILE [--parallel N]: train every run of a sweep (arms x trials x
           seeds, resumable) under --workdir (default workdirs/sweep-<FILE name>) and
           write results.csv, results.md and plots comparing the arms
+  convert --from-hf DIR --out WORKDIR [--dtype float32|bfloat16|float16]: a Hugging Face
+          checkpoint (DeepSeek-V3/V3.2/V4, Qwen3-MoE, Mixtral) -> WORKDIR/config.py,
+          config.json and an Orbax checkpoint that train/eval resume from
+          --to-hf WORKDIR --out DIR [--model-type T] [--dtype D]: the newest checkpoint
+          of WORKDIR -> config.json + safetensors that transformers loads
 """
 
 
@@ -133,6 +144,33 @@ def cmd_eval(argv: list[str]) -> int:
   return 0
 
 
+def _generate_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_multi_string("prompt", [], "a prompt (repeat for a batch)", flag_values=fv)
+  flags.DEFINE_string("prompt_file", None, "a file whose whole text is one more prompt", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate per prompt", flag_values=fv)
+  flags.DEFINE_float("temperature", 1.0, "softmax temperature; 0 = greedy", flag_values=fv)
+  flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)", flag_values=fv)
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling: the smallest set with this probability", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
+  flags.DEFINE_integer("prefill_chunk", 256, "prompt tokens per prefill step", flag_values=fv)
+
+
+def cmd_generate(argv: list[str]) -> int:
+  from moejax.generate import generate_text
+
+  cfg, workdir, fv = _parse("generate", argv, _generate_flags)
+  prompts = list(fv["prompt"].value)
+  if fv["prompt_file"].value:
+    with open(fv["prompt_file"].value) as f:
+      prompts.append(f.read())
+  if not prompts:
+    raise flags.Error('give --prompt "..." (repeatable) or --prompt_file FILE')
+  generate_text(cfg, workdir, prompts, out=sys.stdout, max_new_tokens=fv["max_new_tokens"].value,
+                temperature=fv["temperature"].value, top_k=fv["top_k"].value, top_p=fv["top_p"].value,
+                seed=fv["seed"].value, prefill_chunk=fv["prefill_chunk"].value)
+  return 0
+
+
 def _sweep_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("sweep", None, "sweep file, e.g. experiments/sweeps/optimizers.py", flag_values=fv)
   flags.DEFINE_integer("parallel", 1, "runs at a time, each in its own process", flag_values=fv)
@@ -156,7 +194,35 @@ def cmd_sweep(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "distill": cmd_distill, "sweep": cmd_sweep}
+def cmd_convert(argv: list[str]) -> int:
+  import argparse
+
+  from moejax.interop import hf
+
+  parser = argparse.ArgumentParser(prog="moejax convert", description="Hugging Face <-> moejax checkpoints.")
+  direction = parser.add_mutually_exclusive_group(required=True)
+  direction.add_argument("--from-hf", metavar="DIR", help="a local HF checkpoint (config.json + *.safetensors)")
+  direction.add_argument("--to-hf", metavar="WORKDIR", help="a moejax workdir (its newest checkpoint)")
+  parser.add_argument("--out", required=True, help="the workdir (--from-hf) or HF directory (--to-hf) to write")
+  parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                      help="parameter dtype (--from-hf, default float32) / stored dtype (--to-hf, default the model's)")
+  parser.add_argument("--model-type", default=None, help="--to-hf: the HF model_type (default: inferred)")
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as exit_:
+    return int(exit_.code or 0)
+  logging.basicConfig(level=logging.INFO, format="moejax convert: %(message)s")
+  if args.from_hf:
+    config_py = hf.convert_from_hf(args.from_hf, args.out, dtype=args.dtype or "float32")
+    print(f"wrote {args.out}; fine-tune with: moejax train --config {config_py} --workdir {args.out}")
+  else:
+    files = hf.convert_to_hf(args.to_hf, args.out, model_type=args.model_type, dtype=args.dtype)
+    print(f"wrote {args.out}: config.json, {', '.join(files)}")
+  return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
+            "convert": cmd_convert, "distill": cmd_distill}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     return COMMANDS[argv[0]](argv[1:])
-  except (flags.Error, ConfigError, CheckpointMismatchError, FileNotFoundError, KeyError) as err:
+  except (flags.Error, ConfigError, CheckpointMismatchError, FileNotFoundError, KeyError,
+          NotImplementedError) as err:
     print(f"moejax {argv[0]}: error: {err}", file=sys.stderr)
     return 2
   except NonFiniteError as err:

@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload_dots")
 NONFINITE_POLICIES = ("skip", "stop", "rollback")
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
       init_std=0.02,
       dtype="float32",         # compute dtype
       param_dtype="float32",
-      remat="none",            # none | full | dots | dots_no_batch
+      remat=("none",),         # none | full | dots | dots_no_batch | offload_dots; one, or one per layer
   ))
   # Residual: 1 stream is the plain pre-norm residual; N > 1 streams are
   # manifold-constrained hyper-connections (moejax/layers/hyper.py).
@@ -291,7 +291,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       e.append(f"model.{field}: unknown {registry.kind} {name!r}; known: {', '.join(registry.names())}.")
   for field in ("dtype", "param_dtype"):
     _check(e, m[field] in DTYPES, f"model.{field}={m[field]!r} is not one of {DTYPES}.")
-  _check(e, m.remat in REMAT_POLICIES, f"model.remat={m.remat!r} is not one of {REMAT_POLICIES}.")
+  remat = expand_schedule(m.remat, max(m.num_layers, 1))
+  _check(e, len(remat) == m.num_layers,
+         f"model.remat has {len(remat)} entries but model.num_layers={m.num_layers}; give one policy per layer "
+         "or a single one for all layers.")
+  for name in sorted(set(remat) - set(REMAT_POLICIES)):
+    e.append(f"model.remat: {name!r} is not one of {REMAT_POLICIES}.")
   _check(e, m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0.")
   _validate_hc_and_mtp(e, m, d.seq_len, ATTENTION, MLP)
   mlp_entries = set(expand_schedule(m.mlp_types, max(m.num_layers, 1))) | ({m.mtp.mlp_type} if m.mtp.depth else set())
@@ -377,11 +382,29 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       _check(e, micro % batch_shards == 0,
              f"train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} = {micro} "
              f"sequences per micro-batch must divide over mesh.data*mesh.fsdp*mesh.expert={batch_shards} devices.")
-      _check(e, d.seq_len % shape["context"] == 0,
-             f"data.seq_len={d.seq_len} must divide over mesh.context={shape['context']}.")
+      _validate_context(e, cfg, shape["context"])
 
   if e:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(e))
+
+
+WINDOWED_ATTENTION = ("sliding", "swa", "csa", "hca")  # types whose window arrives as a halo under context parallelism
+
+
+def _validate_context(e: list[str], cfg: ml_collections.ConfigDict, context: int) -> None:
+  """Context parallelism (moejax/layers/attention/context_parallel.py): 2C half-chunks, halos within a shard."""
+  if context == 1:
+    return
+  seq_len, window = cfg.data.seq_len, cfg.model.attention.window
+  _check(e, seq_len % (2 * context) == 0,
+         f"data.seq_len={seq_len} must split into 2 * mesh.context = {2 * context} equal half-chunks (ring "
+         f"attention's zigzag layout); use a multiple of {2 * context}.")
+  types = set(expand_schedule(cfg.model.attention_types, cfg.model.num_layers))
+  if types & set(WINDOWED_ATTENTION) and seq_len % context == 0:
+    _check(e, window <= seq_len // context,
+           f"model.attention.window={window} exceeds the {seq_len // context} tokens of one context shard "
+           f"(data.seq_len={seq_len} / mesh.context={context}); the halo comes from the previous shard only. "
+           "Lower mesh.context or the window.")
 
 
 def _validate_hc_and_mtp(e: list[str], m: ml_collections.ConfigDict, seq_len: int, attention, mlp) -> None:
@@ -558,6 +581,13 @@ def _validate_muon(e: list[str], cfg: ml_collections.ConfigDict) -> None:
   _check(e, o.qk_clip_tau >= 0, f"optim.qk_clip_tau={o.qk_clip_tau} must be >= 0 (0 disables QK-clip).")
   _check(e, len(o.qk_clip_params) == 2,
          f"optim.qk_clip_params={tuple(o.qk_clip_params)} must name two parameters: (query, key).")
+  if o.qk_clip_tau > 0:
+    m = cfg.model
+    types = set(expand_schedule(m.attention_types, max(m.num_layers, 1))) | ({m.mtp.attention_type} if m.mtp.depth
+                                                                             else set())
+    _check(e, types <= _QK_NORM, f"optim.qk_clip_tau={o.qk_clip_tau}: QK-clip rescales per-head (query, key) "
+           f"projections {tuple(o.qk_clip_params)}, which only {sorted(_QK_NORM)} layers have; the schedule "
+           f"also has {sorted(types - _QK_NORM)} (latent / shared-KV projections); set qk_clip_tau=0.")
   _check(e, o.qk_clip_tau == 0 or cfg.model.attention.track_max_logit,
          f"optim.qk_clip_tau={o.qk_clip_tau} needs the attention layers' max logits; set "
          "--config.model.attention.track_max_logit=True (or qk_clip_tau=0).")

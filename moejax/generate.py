@@ -68,12 +68,16 @@ def next_token(logits_BxV, rng, temperature=1.0, top_k=0, top_p=1.0):
 # ----------------------------------------------------------------------------- cached forward
 
 
+def cache_shapes(model: nn.Module, variables, batch: int, max_len: int):
+  """The decode caches' ``jax.ShapeDtypeStruct`` tree (nothing allocated; ``variables`` may be abstract)."""
+  dummy = jnp.zeros((batch, 1), jnp.int32)
+  return jax.eval_shape(lambda v: model.apply(v, dummy, dummy, dummy, decode_len=max_len,
+                                              mutable=["cache"])[1]["cache"], variables)
+
+
 def init_cache(model: nn.Module, variables, batch: int, max_len: int):
   """Empty (all zero) decode caches for ``batch`` rows of up to ``max_len`` tokens."""
-  dummy = jnp.zeros((batch, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda v: model.apply(v, dummy, dummy, dummy, decode_len=max_len,
-                                                mutable=["cache"])[1]["cache"], variables)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(model, variables, batch, max_len))
 
 
 def forward_chunk(model: nn.Module, variables, cache, max_len: int, tokens_BxC, start_B, count_B):
@@ -95,16 +99,22 @@ def forward_chunk(model: nn.Module, variables, cache, max_len: int, tokens_BxC, 
 
 
 def prefill(model: nn.Module, variables, cache, max_len: int, prompts_BxP, lengths_B, chunk: int):
-  """Feeds the prompts ``chunk`` tokens at a time: (next-token logits_BxV, cache)."""
+  """Feeds the prompts ``chunk`` tokens at a time (a ``lax.scan``): (next-token logits_BxV, cache)."""
   b, p = prompts_BxP.shape
   chunk = int(min(chunk, p))
-  padded = jnp.pad(prompts_BxP, [(0, 0), (0, -(-p // chunk) * chunk - p)])
-  logits = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
-  for start in range(0, p, chunk):  # static: P and chunk are shapes
+  n = -(-p // chunk)
+  chunks_NxBxC = jnp.moveaxis(jnp.pad(prompts_BxP, [(0, 0), (0, n * chunk - p)]).reshape(b, n, chunk), 1, 0)
+
+  def step(carry, xs):
+    logits, cache = carry
+    start, tokens_BxC = xs
     count = jnp.clip(lengths_B - start, 0, chunk).astype(jnp.int32)
-    new_logits, cache = forward_chunk(model, variables, cache, max_len, padded[:, start:start + chunk],
+    new_logits, cache = forward_chunk(model, variables, cache, max_len, tokens_BxC,
                                       jnp.full((b,), start, jnp.int32), count)
-    logits = jnp.where((count > 0)[:, None], new_logits, logits)
+    return (jnp.where((count > 0)[:, None], new_logits, logits), cache), None
+
+  init = (jnp.zeros((b, model.cfg.vocab_size), jnp.float32), cache)
+  (logits, cache), _ = jax.lax.scan(step, init, (jnp.arange(n, dtype=jnp.int32) * chunk, chunks_NxBxC))
   return logits, cache
 
 
@@ -124,23 +134,31 @@ def _emit(loop: _Loop, temperature, top_k, top_p, eos_id):
   token = jnp.where(loop.done_B, 0, next_token(loop.logits_BxV, key, temperature, top_k, top_p))
   tokens = jax.lax.dynamic_update_slice_in_dim(loop.tokens_BxN, token[:, None], loop.step, axis=1)
   lengths = loop.lengths_B + (~loop.done_B).astype(jnp.int32)
-  done = loop.done_B | ((token == eos_id) if eos_id is not None else False)
+  done = loop.done_B | (token == eos_id)
   return token, loop._replace(tokens_BxN=tokens, lengths_B=lengths, done_B=done, rng=rng)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "prefill_chunk"))
 def sample(model: nn.Module, variables, prompts_BxP, prompt_lengths_B, *, rng, max_new_tokens: int,
            temperature=1.0, top_k=0, top_p=1.0, eos_id: int | None = None, prefill_chunk: int = 256) -> Sampled:
   """Samples ``max_new_tokens`` continuations of each prompt (see the module doc).
 
-  ``temperature``, ``top_k``, ``top_p`` may be traced (changing them does not
-  recompile). The cache holds ``P + max_new_tokens`` positions per row.
+  Jitted; ``temperature``, ``top_k``, ``top_p`` and ``eos_id`` are traced
+  (changing them does not recompile). The cache holds ``P + max_new_tokens``
+  positions per row.
   """
+  return _sample(model, variables, prompts_BxP, prompt_lengths_B, rng, max_new_tokens, temperature, top_k, top_p,
+                 -1 if eos_id is None else eos_id, prefill_chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "prefill_chunk"))
+def _sample(model, variables, prompts_BxP, prompt_lengths_B, rng, max_new_tokens, temperature, top_k, top_p, eos_id,
+            prefill_chunk) -> Sampled:
   b, p = prompts_BxP.shape
   max_len = p + max_new_tokens
-  lengths_B = prompt_lengths_B.astype(jnp.int32)
+  lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
   cache = init_cache(model, variables, b, max_len)
-  logits, cache = prefill(model, variables, cache, max_len, prompts_BxP.astype(jnp.int32), lengths_B, prefill_chunk)
+  logits, cache = prefill(model, variables, cache, max_len, jnp.asarray(prompts_BxP, jnp.int32), lengths_B,
+                          prefill_chunk)
   loop = _Loop(jnp.int32(0), logits, cache, jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), jnp.int32),
                jnp.zeros((b,), bool), rng)
 
@@ -157,3 +175,112 @@ def sample(model: nn.Module, variables, prompts_BxP, prompt_lengths_B, *, rng, m
   last = jax.lax.cond(loop.step < max_new_tokens,
                       lambda l: _emit(l, temperature, top_k, top_p, eos_id)[1], lambda l: l, loop)
   return Sampled(last.tokens_BxN, last.lengths_B)
+
+
+# ----------------------------------------------------------------------------- checks, streaming, CLI
+
+
+def check_decodable(model_cfg) -> None:
+  """Raises ConfigError if cached decoding cannot reproduce the model's forward pass.
+
+  Token-choice routing is per token, so decoding is exact; expert-choice
+  routing and capacity dispatch depend on the other tokens of the batch.
+  """
+  from moejax.config import ConfigError, expand_schedule
+
+  mlp = set(expand_schedule(model_cfg.mlp_types, model_cfg.num_layers))
+  errors = []
+  if "moe" in mlp and model_cfg.moe.router == "expert_choice":
+    errors.append(f"model.moe.router={model_cfg.moe.router!r} routes over the whole batch, so a token's experts "
+                  "change with what else is decoded; generate with a token-choice router (e.g. topk).")
+  if mlp & {"moe", "hash_moe"} and model_cfg.moe.dispatch == "capacity":
+    errors.append(f"model.moe.dispatch={model_cfg.moe.dispatch!r} drops tokens depending on the batch; generate "
+                  "with --config.model.moe.dispatch=dropless (same weights).")
+  if errors:
+    raise ConfigError(" ".join(errors))
+
+
+def stream(model: nn.Module, variables, prompts_BxP, prompt_lengths_B, *, rng, max_new_tokens: int,
+           temperature=1.0, top_k=0, top_p=1.0, eos_id: int | None = None, prefill_chunk: int = 256
+           ) -> Iterator[jax.Array]:
+  """:func:`sample` as a host loop: yields int32 [B] tokens step by step (0 for finished rows).
+
+  Same tokens as :func:`sample` for the same arguments; one jitted prefill
+  and one jitted decode step.
+  """
+  b, p = prompts_BxP.shape
+  max_len = p + max_new_tokens
+  lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
+
+  @jax.jit
+  def start(variables, prompts, lengths, rng):
+    cache = init_cache(model, variables, b, max_len)
+    logits, cache = prefill(model, variables, cache, max_len, prompts, lengths, prefill_chunk)
+    return _Loop(jnp.int32(0), logits, cache, jnp.zeros((b, max_new_tokens), jnp.int32),
+                 jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), rng)
+
+  emit = jax.jit(_emit)
+
+  @jax.jit
+  def advance(variables, loop, token):
+    logits, cache = forward_chunk(model, variables, loop.cache, max_len, token[:, None], lengths_B + loop.step,
+                                  jnp.ones((b,), jnp.int32))
+    return loop._replace(step=loop.step + 1, logits_BxV=logits, cache=cache)
+
+  loop = start(variables, jnp.asarray(prompts_BxP, jnp.int32), lengths_B, rng)
+  for i in range(max_new_tokens):
+    token, loop = emit(loop, temperature, top_k, top_p, -1 if eos_id is None else eos_id)
+    yield token
+    if bool(jnp.all(loop.done_B)) or i == max_new_tokens - 1:
+      return
+    loop = advance(variables, loop, token)
+
+
+def generate_text(cfg, workdir: str, prompts: list[str], *, out=None, max_new_tokens: int = 128,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  prefill_chunk: int = 256) -> list[str]:
+  """``moejax generate``: continues each prompt with the newest checkpoint of ``workdir``.
+
+  Tokenizes with ``cfg.data.tokenizer`` (bos first, stops at its eos) and
+  writes to ``out`` (a text stream, e.g. stdout) as tokens come: a single
+  prompt streams token by token, several prompts (one batch) each print when
+  done. Returns the continuations.
+  """
+  import numpy as np
+
+  from moejax.data import get_tokenizer
+  from moejax.train import load_checkpoint
+
+  check_decodable(cfg.model)
+  exp, step, state = load_checkpoint(cfg, workdir)
+  tok = get_tokenizer(cfg.data.tokenizer)
+  ids = [np.concatenate([[tok.bos_id], tok.encode(p)]).astype(np.int32) for p in prompts]
+  lengths = np.array([len(i) for i in ids], np.int32)
+  batch = np.zeros((len(ids), lengths.max()), np.int32)
+  for b, row in enumerate(ids):
+    batch[b, :len(row)] = row
+  variables = {"params": state.params, **state.model_state}
+  tokens = stream(exp.model, variables, batch, lengths, rng=jax.random.key(seed), max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tok.eos_id, prefill_chunk=prefill_chunk)
+  new: list[list[int]] = [[] for _ in prompts]
+  done = [False] * len(prompts)
+  shown = ""
+  if out and len(prompts) == 1:
+    out.write(prompts[0])
+  for token_B in tokens:
+    for b, t in enumerate(np.asarray(token_B).tolist()):
+      done[b] = done[b] or t == tok.eos_id
+      if not done[b]:
+        new[b].append(t)
+    if out and len(prompts) == 1:  # decode the whole continuation: multi-byte characters print once complete
+      text = tok.decode(new[0])
+      out.write(text[len(shown):] if text.startswith(shown) else text)
+      out.flush()
+      shown = text
+  texts = [tok.decode(n) for n in new]
+  if out and len(prompts) > 1:
+    for prompt, text in zip(prompts, texts):
+      out.write(f"{prompt}{text}\n\n")
+  elif out:
+    out.write("\n")
+  return texts

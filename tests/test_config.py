@@ -18,6 +18,8 @@ def _cfg(**fields):
 
 
 @pytest.mark.parametrize("fields,num_devices,message", [
+    ({"optim__qk_clip_tau": 100.0, "model__attention__track_max_logit": True, "model__attention_types": ("mla",)},
+     1, "QK-clip rescales per-head (query, key) projections ('w_q', 'w_k'), which only ['dense', 'sliding']"),
     ({"model__num_heads": 3}, 1, "model.num_heads=3 does not divide model.d_model=128"),
     ({"model__num_kv_heads": 3}, 1, "model.num_kv_heads=3 does not divide model.num_heads=4"),
     ({"model__attention_types": ("dense", "dense")}, 1, "model.attention_types has 2 entries but model.num_layers=4"),

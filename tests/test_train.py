@@ -33,7 +33,7 @@ def _run_steps(cfg, devices, n):
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=4, context=2), dict(data=2, tensor=4)])
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=2, context=4), dict(data=2, tensor=4)])
 def test_sharded_training_equals_single_device(devices, mesh):
   cfg = small_train_cfg()
   cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1, context=1)

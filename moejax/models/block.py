@@ -18,10 +18,15 @@ from moejax.layers.hyper import HyperConnection, mix_streams
 from moejax.layers.mlp import MLP
 from moejax.layers.norms import RMSNorm
 
+# ``model.remat`` (one name, or one per layer). Every policy keeps the block's
+# input (the argument of the rematerialised function); "full" keeps nothing
+# else, "dots*" keep matmul outputs, "offload_dots" moves the batch-free matmul
+# outputs to host memory ("pinned_host") and back for the backward pass.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 ACT = ("act_batch", "act_length", "act_embed")
@@ -62,9 +67,9 @@ class Block(nn.Module):
     return residual("mlp", lambda x: mlp(x, token_ids_BxT), h)
 
 
-def block_class(cfg: ml_collections.FrozenConfigDict) -> type[nn.Module]:
-  """``Block``, rematerialized under ``model.remat`` when set."""
-  if cfg.remat == "none":
+def block_class(remat: str) -> type[nn.Module]:
+  """``Block``, rematerialized under the policy ``remat`` (a ``model.remat`` entry) unless "none"."""
+  if remat == "none":
     return Block
   # decode_len (argument 5, self being 0) is a Python int: static under remat.
-  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True, static_argnums=(5,))
+  return nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=True, static_argnums=(5,))

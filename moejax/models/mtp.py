@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.config import expand_schedule
 from moejax.layers import DTYPES
 from moejax.layers.hyper import collapse_streams, expand_streams
 from moejax.layers.norms import RMSNorm
@@ -80,6 +81,7 @@ class MTPModule(nn.Module):
                                                                      (None, "embed")), (2 * d, d), pdtype)
     eh_BxTx2D = jnp.concatenate([e_BxTxD, norm("hidden_norm")(h_BxTxD)], axis=-1)
     x_BxTxD = nn.with_logical_constraint(jnp.einsum("BTC,CD->BTD", eh_BxTx2D, w_proj_2DxD.astype(dtype)), ACT)
-    h = block_class(cfg)(cfg, cfg.mtp.attention_type, cfg.mtp.mlp_type, name="block")(
-        expand_streams(x_BxTxD, cfg.hc.streams), positions_BxT, segment_ids_BxT, ids_BxT)
+    remat = expand_schedule(cfg.remat, cfg.num_layers)[-1]  # the last layer's policy
+    h = block_class(remat)(cfg, cfg.mtp.attention_type, cfg.mtp.mlp_type, name="block")(
+        expand_streams(x_BxTxD, cfg.hc.streams), positions_BxT, segment_ids_BxT, ids_BxT, 0)
     return norm("final_norm")(collapse_streams(cfg, h))

@@ -67,12 +67,13 @@ class Transformer(nn.Module):
         (cfg.vocab_size, cfg.d_model), pdtype)
     x_BxTxD = nn.with_logical_constraint(jnp.take(embed_VxD, inputs_BxT, axis=0).astype(dtype), ACT)
 
-    h, block = expand_streams(x_BxTxD, cfg.hc.streams), (Block if decode_len else block_class(cfg))
+    h = expand_streams(x_BxTxD, cfg.hc.streams)
     schedule = zip(expand_schedule(cfg.attention_types, cfg.num_layers),
-                   expand_schedule(cfg.mlp_types, cfg.num_layers))
-    for i, (attention_type, mlp_type) in enumerate(schedule):
+                   expand_schedule(cfg.mlp_types, cfg.num_layers), expand_schedule(cfg.remat, cfg.num_layers))
+    for i, (attention_type, mlp_type, remat) in enumerate(schedule):
+      block = Block if decode_len else block_class(remat)  # decoding: no remat (no backward pass)
       h = block(cfg, attention_type, mlp_type, name=f"layer_{i}")(
-          h, positions_BxT, segment_ids_BxT, inputs_BxT, decode_len)
+          h, positions_BxT, segment_ids_BxT, inputs_BxT, decode_len)  # static under remat (block_class)
     x_BxTxD = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(collapse_streams(cfg, h))
 
     if cfg.tie_embeddings:

@@ -1,70 +1,65 @@
 """The router options express exactly transformers' MoE blocks (DeepSeek-V3,
 DeepSeek-V4 incl. hash routing and the swiglu clamp, Qwen3-MoE, Mixtral):
-same outputs from the same weights, mapped onto moejax's parameter layout."""
+same outputs from the same weights. The weights and the ``model.moe`` fields
+come through the library's HF mapping (``moejax.interop.hf.from_transformers``),
+so this test also pins the config translation to the recipes below."""
 
 import chex
 import jax
 import numpy as np
 import pytest
 
-from tests.layers.test_moe import D, E, F, init_moe, moe_cfg
+from moejax.layers.mlp import MLP
+from tests.layers.test_moe import D, E, F
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-B, T, V = 2, 5, 48
+B, T, V = 2, 5, 320  # V >= the byte tokenizer, so the converted config validates
 
 
-def _block(model):
-  """(transformers block, moejax mlp type, model.moe fields) for one architecture."""
-  common = dict(hidden_size=D, num_experts_per_tok=2, vocab_size=V)
+def _model(model):
+  """(one-layer transformers causal LM, moejax mlp type, expected model.moe fields)."""
+  common = dict(hidden_size=D, num_experts_per_tok=2, vocab_size=V, num_hidden_layers=1, num_attention_heads=2)
   if model == "deepseek_v3":
-    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
-    cfg = m.DeepseekV3Config(moe_intermediate_size=F, n_routed_experts=E, n_group=4, topk_group=2, n_shared_experts=2,
-                             routed_scaling_factor=2.5, norm_topk_prob=True, **common)
-    return m.DeepseekV3MoE(cfg), "moe", dict(score="sigmoid", score_bias=True, num_groups=4, topk_groups=2,
-                                             num_shared=2, renormalize=True, routed_scale=2.5)
+    cfg = transformers.DeepseekV3Config(
+        moe_intermediate_size=F, n_routed_experts=E, n_group=4, topk_group=2, n_shared_experts=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=0, q_lora_rank=8, kv_lora_rank=8,
+        qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, num_key_value_heads=2, **common)
+    return cfg, "moe", dict(score="sigmoid", score_bias=True, num_groups=4, topk_groups=2, num_shared=2,
+                            renormalize=True, routed_scale=2.5)
   if model.startswith("deepseek_v4"):
-    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
     hashed = model.endswith("hash")
-    cfg = m.DeepseekV4Config(moe_intermediate_size=F, n_routed_experts=E, num_hidden_layers=1, swiglu_limit=0.7,
-                             routed_scaling_factor=1.5, mlp_layer_types=["hash_moe" if hashed else "moe"], **common)
-    fields = dict(score="sqrtsoftplus", score_bias=not hashed, num_shared=1, renormalize=True, routed_scale=1.5,
-                  swiglu_limit=0.7)
-    return m.DeepseekV4SparseMoeBlock(cfg, 0), "hash_moe" if hashed else "moe", fields
+    cfg = transformers.DeepseekV4Config(
+        moe_intermediate_size=F, n_routed_experts=E, swiglu_limit=0.7, routed_scaling_factor=1.5, head_dim=8,
+        partial_rotary_factor=0.5,
+        q_lora_rank=8, o_groups=2, o_lora_rank=4, index_n_heads=2, index_head_dim=8, layer_types=["sliding_attention"],
+        mlp_layer_types=["hash_moe" if hashed else "moe"], **common)
+    return cfg, "hash_moe" if hashed else "moe", dict(score="sqrtsoftplus", score_bias=True, num_shared=1,
+                                                      renormalize=True, routed_scale=1.5, swiglu_limit=0.7)
   if model.startswith("qwen3_moe"):
-    from transformers.models.qwen3_moe import modeling_qwen3_moe as m
     norm = model.endswith("norm")
-    cfg = m.Qwen3MoeConfig(moe_intermediate_size=F, num_experts=E, norm_topk_prob=norm, **common)
-    return m.Qwen3MoeSparseMoeBlock(cfg), "moe", dict(score="softmax", renormalize=norm)
-  from transformers.models.mixtral import modeling_mixtral as m
-  cfg = m.MixtralConfig(intermediate_size=F, num_local_experts=E, **common)
-  return m.MixtralSparseMoeBlock(cfg), "moe", dict(score="softmax", renormalize=True)
+    cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=F, num_experts=E, norm_topk_prob=norm,
+                                      num_key_value_heads=1, **common)
+    return cfg, "moe", dict(score="softmax", renormalize=norm, num_shared=0)
+  cfg = transformers.MixtralConfig(intermediate_size=F, num_local_experts=E, num_key_value_heads=1, **common)
+  return cfg, "moe", dict(score="softmax", renormalize=True, num_shared=0)
 
 
-def _to_moejax(block, variables):
-  """Copies the transformers block's weights into moejax's layout (variables updated in place)."""
-  sd = {k: v.detach().numpy() for k, v in block.state_dict().items()}
-  router = next(k.rsplit(".", 1)[0] for k in sd if k.endswith("weight") and sd[k].shape == (E, D))
-  p = variables["params"]
-  p["router"]["w_gate"] = sd[f"{router}.weight"].T
-  gate_up, down = sd["experts.gate_up_proj"], sd["experts.down_proj"]  # [E, 2F, D], [E, D, F]
-  p["w_gate"], p["w_up"] = gate_up[:, :F].transpose(0, 2, 1), gate_up[:, F:].transpose(0, 2, 1)
-  p["w_down"] = down.transpose(0, 2, 1)
-  if "shared" in p:
-    for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-      p["shared"][ours] = sd[f"shared_experts.{theirs}.weight"].T
-  if f"{router}.e_score_correction_bias" in sd:
-    variables["router_bias"] = {"router": {"bias": sd[f"{router}.e_score_correction_bias"]}}
-  if f"{router}.tid2eid" in sd:
-    variables["hash_table"] = {"router": {"tid2eid": sd[f"{router}.tid2eid"].astype(np.int32)}}
+def _layer_variables(variables):
+  """The MoE layer's variables inside the converted model's tree."""
+  return {col: tree["layer_0"]["mlp"] for col, tree in variables.items() if "mlp" in tree.get("layer_0", {})}
 
 
 @pytest.mark.parametrize("model", ["deepseek_v3", "deepseek_v4", "deepseek_v4_hash", "qwen3_moe", "qwen3_moe_norm",
                                    "mixtral"])
 def test_moe_block_matches_transformers(model):
+  from moejax.interop import hf
+
   torch.manual_seed(0)
-  block, mlp_type, fields = _block(model)
+  cfg, mlp_type, fields = _model(model)
+  full = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  block = full.model.layers[0].mlp
   rng = np.random.default_rng(0)
   with torch.no_grad():
     for name, param in block.named_parameters():
@@ -80,7 +75,9 @@ def test_moe_block_matches_transformers(model):
     args = (torch.from_numpy(x),) + ((torch.from_numpy(ids),) if mlp_type == "hash_moe" else ())
     expected = block(*args).numpy()
 
-  layer, variables = init_moe(moe_cfg(**fields), x, ids, mlp_type)
-  _to_moejax(block, variables)
-  got = jax.jit(layer.apply)(variables, x, ids)
+  converted, variables = hf.from_transformers(full)
+  got_fields = {k: converted.cfg.moe[k] for k in fields}
+  assert got_fields == fields, "the HF config no longer translates to this router recipe"
+  layer = MLP.get(mlp_type)(cfg=converted.cfg)
+  got = jax.jit(layer.apply)(_layer_variables(variables), x, ids)
   chex.assert_trees_all_close(np.asarray(got), expected, rtol=1e-4, atol=1e-5)

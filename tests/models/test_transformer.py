@@ -55,7 +55,7 @@ def test_packed_documents_do_not_see_each_other():
   chex.assert_trees_all_close(out[0, :5], alone_a[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", [("full",), ("dots",), ("dots_no_batch",), ("offload_dots",), ("full", "none")])
 def test_remat_policies_change_nothing_numerically(policy):
   model, variables = _model_and_vars()
   remat_model = Transformer(tiny_model_cfg(remat=policy))

@@ -31,7 +31,7 @@ CASES = {
     "schedule length": (lambda p: ["--config.model.attention_types=('dense','dense')"],
                         "model.attention_types has 2 entries but model.num_layers=1"),
     "mesh vs devices": (lambda p: ["--config.mesh.data=3"], "multiply to 3 but there are 8 devices"),
-    "batch vs mesh": (lambda p: ["--config.train.batch_size=4"], "must divide over mesh.data*mesh.fsdp=8"),
+    "batch vs mesh": (lambda p: ["--config.train.batch_size=4"], "must divide over mesh.data*mesh.fsdp*mesh.expert=8"),
     "nonfinite policy": (lambda p: ["--config.train.nonfinite=ignore"], "train.nonfinite='ignore' is not one of"),
     "bad process id": (lambda p: ["--config.distributed.coordinator_address=localhost:1",
                                   "--config.distributed.num_processes=2", "--config.distributed.process_id=2"],

@@ -3,7 +3,10 @@
 Every attention type is a Linen module constructed as ``cls(cfg=model_cfg)``
 and called as ``attn(x_BxTxD, positions_BxT, segment_ids_BxT) -> y_BxTxD``.
 ``segment_ids`` separate packed documents (0 = padding); attention never
-crosses a document boundary and is causal within a document. Options live
+crosses a document boundary and is causal within a document. For
+generation every type also has ``attn.decode(x_BxCxD, positions_BxC,
+segment_ids_BxC, max_len)``: a chunk of new tokens against its own cache in
+the ``cache`` collection (``cache.py``, docs/generation.md). Options live
 in ``model.attention`` (see docs/attention.md):
 
   dense     GQA over all previous keys              (dense.py)

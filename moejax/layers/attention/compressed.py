@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax.layers.attention import ATTENTION, cache, core, indexer, options
+from moejax.layers.attention import ATTENTION, cache, context_parallel, core, indexer, options
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import Rope, apply_rope
 
@@ -103,8 +103,8 @@ def compress(module: nn.Module, x_BxTxD, positions_BxT, segment_ids_BxT, ratio: 
   n = t // ratio
   offset_BxT = jnp.broadcast_to(jnp.arange(n * ratio) % ratio, (b, n * ratio))
   kv_BxTxC, gate_BxTxC = compress_rows(module, x_BxTxD[:, :n * ratio], offset_BxT, ratio, dim, overlap)
-  kv_BxNxMxC = kv_BxTxC.reshape(b, n, ratio, -1)
-  gate_BxNxMxC = gate_BxTxC.reshape(b, n, ratio, -1)
+  kv_BxNxMxC = kv_BxTxC.reshape(b, n, ratio, kv_BxTxC.shape[-1])
+  gate_BxNxMxC = gate_BxTxC.reshape(b, n, ratio, gate_BxTxC.shape[-1])
   if overlap:  # entry w pools Ca (channels :dim) of window w-1 and Cb (dim:) of window w
     shift = lambda a, fill: jnp.pad(a[:, :-1, :, :dim], [(0, 0), (1, 0), (0, 0), (0, 0)], constant_values=fill)
     kv_BxNxMxC = jnp.concatenate([shift(kv_BxNxMxC, 0), kv_BxNxMxC[..., dim:]], axis=2)
@@ -260,11 +260,11 @@ class V4Attention(nn.Module):
       sg = jax.lax.stop_gradient
       picks = self.indexer(sg(x_BxTxD), sg(q_resid), positions_BxT, segment_ids_BxT)
     if entries is None or entries.kv_BxNxK.shape[1] == 0:
-      out, max_logit = core.causal_attention(
+      out, max_logit = context_parallel.causal_attention(
           q_BxTxHxDh, kv_BxTx1xDh, kv_BxTx1xDh, segment_ids_BxT, sinks_H=self.sinks_H,
           use_xla=options.use_xla_kernel(self.cfg, x_BxTxD.shape[1]), track_max_logit=a.track_max_logit, **kw)
     else:
-      window = core.flash_attention(q_BxTxHxDh, kv_BxTx1xDh, kv_BxTx1xDh, segment_ids_BxT, **kw)
+      window = context_parallel.flash_attention(q_BxTxHxDh, kv_BxTx1xDh, kv_BxTx1xDh, segment_ids_BxT, **kw)
       q_idx_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), segment_ids_BxT.shape)
       compressed, sums, recall = self.compressed_part(q_BxTxHxDh, q_idx_BxT, segment_ids_BxT, entries, picks,
                                                       window[1])
@@ -290,29 +290,31 @@ class V4Attention(nn.Module):
     dense = stage in ("dense", "warmup")
     top = min(a.index_topk, n)
 
-    def chunk(_, xs, seg_BxQ):
+    def chunk(_, xs, seg_BxQ, shared):
       q, lse_w, q_i_c, w_i_c, q_idx_BxQ = xs
-      valid_BxQxN = entries.visible(q_idx_BxQ, seg_BxQ)
+      kv_BxNxK, entry_seg_BxN, idx_kv_BxNxI = shared  # all-gathered over context (context_parallel.py)
+      valid_BxQxN = Entries(kv_BxNxK, entries.last_N, entry_seg_BxN).visible(q_idx_BxQ, seg_BxQ)
       if dense:
-        keys, ok, spec = entries.kv_BxNxK, valid_BxQxN, "BS"
+        keys, ok, spec = kv_BxNxK, valid_BxQxN, "BS"
       else:
-        idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(idx_entries.kv_BxNxK)), valid_BxQxN, top)
-        keys, spec = indexer.gather(entries.kv_BxNxK, idx), "BQS"
+        idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(idx_kv_BxNxI)), valid_BxQxN, top)
+        keys, spec = indexer.gather(kv_BxNxK, idx), "BQS"
       logits = jnp.einsum(f"BQHK,{spec}K->BQHS", q, keys, preferred_element_type=jnp.float32) * self.scale
       out, lse, max_logit = core.masked_attention(logits, keys, ok, spec)
       sums = {"max_logit": max_logit}
       if training and stage in ("warmup", "sparse"):
         if dense:
-          index = indexer.scores(q_i_c, w_i_c, idx_entries.kv_BxNxK)
+          index = indexer.scores(q_i_c, w_i_c, idx_kv_BxNxI)
         else:
-          index = indexer.gathered_scores(q_i_c, w_i_c, indexer.gather(idx_entries.kv_BxNxK, idx))
+          index = indexer.gathered_scores(q_i_c, w_i_c, indexer.gather(idx_kv_BxNxI, idx))
         lse_all = jax.nn.logsumexp(jnp.stack([lse, lse_w, jnp.broadcast_to(self.sinks_H, lse.shape)]), axis=0)
         sums.update(indexer.kl_to_main(logits, lse_all, index, ok, seg_BxQ > 0))
       return (out.astype(q.dtype), lse), sums
 
     rows = core.chunk_rows(a.chunk_size, n * (self.cfg.num_heads if dense else 1))  # [rows, H or 1, N] scores
-    compressed, sums = core.map_query_chunks(chunk, rows, (q_BxTxHxDh, window_lse_BxTxH, q_i, w_i, q_idx_BxT),
-                                             segment_ids_BxT)
+    shared = (entries.kv_BxNxK, entries.segment_BxN, idx_entries.kv_BxNxK if picks else None)
+    compressed, sums = context_parallel.map_query_chunks(
+        chunk, rows, (q_BxTxHxDh, window_lse_BxTxH, q_i, w_i, q_idx_BxT), segment_ids_BxT, shared)
     recall = None
     if training and self.compression == "csa" and indexer.wants_recall(self):
       rows = indexer.recall_rows(segment_ids_BxT.shape[1], a.indexer_recall_queries)

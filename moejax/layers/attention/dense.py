@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers.attention import ATTENTION, cache, core, options
+from moejax.layers.attention import ATTENTION, cache, context_parallel, core, options
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
 
@@ -68,7 +68,7 @@ class DenseAttention(nn.Module):
     a = self.cfg.attention
     q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = self.project(x_BxTxD, positions_BxT)
     scale = q_BxTxHxDh.shape[-1] ** -0.5 * self.rope.softmax_scale
-    out_BxTxHxDh, max_logit_H = core.causal_attention(
+    out_BxTxHxDh, max_logit_H = context_parallel.causal_attention(
         q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, scale=scale, window=self.window(),
         sinks_H=self.sinks_H, use_xla=options.use_xla_kernel(self.cfg, x_BxTxD.shape[1]), block=a.chunk_size,
         track_max_logit=a.track_max_logit)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 import flax.linen as nn
 
-from moejax.layers.attention import ATTENTION, cache, core, indexer, options
+from moejax.layers.attention import ATTENTION, cache, context_parallel, core, indexer, options
 from moejax.layers.attention.mla import MLAProjection, MLAttention
 
 
@@ -65,8 +65,9 @@ class DSAttention(MLAttention):
     r = self.cfg.attention.kv_lora_rank
     sg = jax.lax.stop_gradient
 
-    def chunk(_, xs, seg_BxQ):
+    def chunk(_, xs, seg_BxQ, shared):
       q_nope, q_rope, q_i_c, w_i_c, q_idx_BxQ = xs
+      keys_BxSxK, k_i_BxSxI, k_seg_BxS = shared  # all-gathered over context (context_parallel.py)
       valid_BxQxS = core.visible(q_idx_BxQ, k_idx_S, seg_BxQ, k_seg_BxS)
       idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(k_i_BxSxI)), valid_BxQxS, top)
       keys_BxQxSxK = indexer.gather(keys_BxSxK, idx)
@@ -82,8 +83,8 @@ class DSAttention(MLAttention):
       return self.unabsorb_output(out.astype(keys_BxSxK.dtype)), sums
 
     per_query = (p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr, q_i, w_i, q_idx_BxT)
-    return core.map_query_chunks(chunk, core.chunk_rows(self.cfg.attention.chunk_size, keys_BxSxK.shape[1]),
-                                 per_query, segment_ids_BxT)
+    return context_parallel.map_query_chunks(chunk, core.chunk_rows(self.cfg.attention.chunk_size, keys_BxSxK.shape[1]),
+                                             per_query, segment_ids_BxT, (keys_BxSxK, k_i_BxSxI, k_seg_BxS))
 
   @nn.compact
   def decode(self, x_BxCxD, positions_BxC, segment_ids_BxC, max_len: int):
@@ -104,25 +105,26 @@ class DSAttention(MLAttention):
                                        k_idx, k_seg, top, with_kl=False)
     return self.output(out_BxCxHxDv)
 
-  def _dense_logits(self, p: MLAProjection, q_nope, q_rope):
-    """Absorbed logits of some queries against every key, float32 [B, Q, H, T]."""
-    return jnp.einsum("BQHK,BSK->BQHS", self.absorb_query(q_nope, q_rope), self.latent_keys(p),
+  def _dense_logits(self, keys_BxTxK, q_nope, q_rope):
+    """Absorbed logits of some queries against the latent keys, float32 [B, Q, H, T]."""
+    return jnp.einsum("BQHK,BSK->BQHS", self.absorb_query(q_nope, q_rope), keys_BxTxK,
                       preferred_element_type=jnp.float32) * self.scale
 
   def _warmup_kl(self, p: MLAProjection, q_i, w_i, k_i, segment_ids_BxT):
     """KL(dense main attention || indexer) over all visible keys, a query chunk at a time."""
     t, h = segment_ids_BxT.shape[1], self.cfg.num_heads
 
-    def chunk(start, xs, seg_BxQ):
+    def chunk(start, xs, seg_BxQ, shared):
       q_nope, q_rope, q_i_c, w_i_c = xs
+      keys_BxTxK, k_i, segment_ids_BxT = shared  # all-gathered over context (context_parallel.py)
       valid_BxQxS = core.visible(start + jnp.arange(seg_BxQ.shape[1]), jnp.arange(t), seg_BxQ, segment_ids_BxT)
-      logits = self._dense_logits(p, q_nope, q_rope)
+      logits = self._dense_logits(keys_BxTxK, q_nope, q_rope)
       lse = core.masked_lse(logits, valid_BxQxS, self.sinks_H)
       return (), indexer.kl_to_main(logits, lse, indexer.scores(q_i_c, w_i_c, k_i), valid_BxQxS, seg_BxQ > 0)
 
     per_query = (p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr, q_i, w_i)
-    _, sums = core.map_query_chunks(chunk, core.chunk_rows(self.cfg.attention.chunk_size, t * h), per_query,
-                                    segment_ids_BxT)
+    _, sums = context_parallel.map_query_chunks(chunk, core.chunk_rows(self.cfg.attention.chunk_size, t * h),
+                                                per_query, segment_ids_BxT, (self.latent_keys(p), k_i, segment_ids_BxT))
     return sums
 
   def _recall(self, p: MLAProjection, q_i, w_i, k_i, segment_ids_BxT, top: int):
@@ -130,5 +132,5 @@ class DSAttention(MLAttention):
     rows = indexer.recall_rows(t, self.cfg.attention.indexer_recall_queries)
     seg_BxR = segment_ids_BxT[:, rows]
     valid = core.visible(jnp.asarray(rows), jnp.arange(t), seg_BxR, segment_ids_BxT)
-    logits = self._dense_logits(p, p.q_nope_BxTxHxDn[:, rows], p.q_rope_BxTxHxDr[:, rows])
+    logits = self._dense_logits(self.latent_keys(p), p.q_nope_BxTxHxDn[:, rows], p.q_rope_BxTxHxDr[:, rows])
     return indexer.recall(logits, valid, indexer.scores(q_i[:, rows], w_i[:, rows], k_i), top, seg_BxR > 0)

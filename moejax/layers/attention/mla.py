@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers.attention import ATTENTION, cache, core, options
+from moejax.layers.attention import ATTENTION, cache, context_parallel, core, options
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
 
@@ -122,9 +122,9 @@ class MLAttention(nn.Module):
               use_xla=options.use_xla_kernel(self.cfg, segment_ids_BxT.shape[1]))
     if not absorbed:
       q, k, v = self.expand(p)
-      return core.causal_attention(q, k, v, segment_ids_BxT, **kw)
+      return context_parallel.causal_attention(q, k, v, segment_ids_BxT, **kw)
     keys_BxTx1xK = self.latent_keys(p)[:, :, None, :]
-    out_BxTxHxR, max_logit = core.causal_attention(
+    out_BxTxHxR, max_logit = context_parallel.causal_attention(
         self.absorb_query(p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr), keys_BxTx1xK, p.c_BxTxR[:, :, None, :],
         segment_ids_BxT, **kw)
     return self.unabsorb_output(out_BxTxHxR), max_logit

@@ -1,0 +1,153 @@
+"""The 1M-token training step: peak memory and time, and the largest T that fits per attention schedule.
+
+  python benchmarks/long_context.py                       # both parts, T = 1,048,576
+  python benchmarks/long_context.py --skip-search         # only the measured step(s)
+  python benchmarks/long_context.py --skip-step --budget-gb 20 --max-log2 24
+
+Model: ``configs/v4_1m.py`` (tiny DeepSeek-V4-shaped: swa/csa/hca + MoE,
+every block rematerialised), batch 1, one device (the first of
+``jax.devices()``: CPU, or the GPU when there is one).
+
+* Step: the real ``Experiment`` train step (forward, backward, optimizer
+  update) on one stdlib row of T tokens, run only if its compiled memory
+  estimate is within ``--budget-gb`` (else the estimate is printed). Time: wall time of the second step
+  (the first compiles). Memory: the compiled program's buffers (XLA memory
+  analysis: arguments + outputs + temporaries - donated), the process's peak
+  RSS (includes the compiler, the data pipeline and Python), and on GPU the
+  allocator's ``peak_bytes_in_use``. The baseline ratio is against T = 1/16 of
+  the length, measured in the same run (``--base-log2``).
+* Search: for each schedule (dense, sliding, dsa, v4 hybrid: the same widths,
+  MoE and remat), T doubles from 2^14 while the compiled train step's
+  memory estimate stays under ``--budget-gb`` (nothing is run, so a too-large
+  T cannot take the machine down); prints the largest T that fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.config import load_config, validate
+from moejax.train import Experiment
+
+SCHEDULES = {
+    "dense": ("dense",) * 4,
+    "sliding": ("sliding",) * 4,
+    "dsa": ("dsa",) * 4,
+    "v4": None,  # the config's own swa/csa/hca schedule
+}
+
+
+def config(seq_len: int, schedule: str = "v4"):
+  cfg = load_config(f"configs/v4_1m.py:t={seq_len}")
+  if SCHEDULES[schedule]:
+    cfg.model.attention_types = SCHEDULES[schedule]
+  if schedule == "dsa":  # MLA widths for the latent attention
+    cfg.model.attention.update(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1, expert=1, context=1)
+  validate(cfg, 1)
+  return cfg
+
+
+def compiled_bytes(exp: Experiment) -> int:
+  """Peak buffer bytes of the compiled train step (arguments + outputs + temporaries - donated)."""
+  cfg = exp.cfg
+  shape = (cfg.train.batch_size, cfg.data.seq_len)
+  sharding = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=sharding)
+           for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
+  with exp._context():
+    mem = exp._train_step.lower(exp.abstract_state, batch).compile().memory_analysis()
+  return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+
+
+def measure_step(seq_len: int, budget_bytes: float) -> dict:
+  """Runs two steps at ``seq_len``, or none if the compiled step needs more than ``budget_bytes``."""
+  device = jax.devices()[:1]
+  exp = Experiment(config(seq_len), device)
+  estimate = compiled_bytes(exp)
+  if estimate > budget_bytes:
+    return {"seq_len": seq_len, "compiled_gib": estimate / 2**30, "fits": False}
+  state, data = exp.init_state(), exp.data_iterator("train")
+  batch = next(data)
+  times, losses = [], []
+  for _ in range(2):
+    start = time.perf_counter()
+    state, metrics = exp.train_step(state, batch)
+    losses.append(float(metrics["loss"]))  # blocks until the step is done
+    times.append(time.perf_counter() - start)
+  stats = device[0].memory_stats() or {}
+  return {"seq_len": seq_len, "fits": True, "first_step_s": times[0], "step_s": times[1], "loss": losses,
+          "compiled_gib": estimate / 2**30, "rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+          "device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "documents": int(batch["segment_ids"].max())}
+
+
+def largest_fitting(schedule: str, budget_bytes: float, lo_log2: int, hi_log2: int) -> dict:
+  fits, rows = None, []
+  for log2 in range(lo_log2, hi_log2 + 1):
+    start = time.perf_counter()
+    need = compiled_bytes(Experiment(config(1 << log2, schedule), jax.devices()[:1]))
+    rows.append({"seq_len": 1 << log2, "compiled_gib": need / 2**30, "compile_s": time.perf_counter() - start})
+    print(f"  {schedule:8s} T=2^{log2:<2d} {need / 2**30:8.2f} GiB", flush=True)
+    if need > budget_bytes:
+      break
+    fits = 1 << log2
+  return {"schedule": schedule, "largest_t": fits, "rows": rows}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--log2", type=int, default=20, help="log2 of the measured sequence length (20 = 1,048,576)")
+  p.add_argument("--base-log2", type=int, default=16, help="log2 of the baseline length measured in the same run")
+  p.add_argument("--budget-gb", type=float, default=20.0,
+                 help="memory budget, GiB: the search's limit, and no step runs whose compiled estimate exceeds it")
+  p.add_argument("--min-log2", type=int, default=14)
+  p.add_argument("--max-log2", type=int, default=24)
+  p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+  p.add_argument("--skip-step", action="store_true")
+  p.add_argument("--skip-search", action="store_true")
+  p.add_argument("--out", default="", help="write the results as JSON here")
+  args = p.parse_args(argv)
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
+  results = {"device": jax.devices()[0].device_kind}
+  if not args.skip_step:
+    budget = args.budget_gb * 2**30
+    base, step = measure_step(1 << args.base_log2, budget), measure_step(1 << args.log2, budget)
+    results["steps"] = [base, step]
+    print("| T | step (s) | first step incl. compile (s) | compiled peak (GiB) | RSS peak (GiB) | device peak (GiB) "
+          "| loss (2 steps) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in (base, step):
+      if not r["fits"]:
+        print(f"| {r['seq_len']:,} | does not fit: the compiled step needs {r['compiled_gib']:.1f} GiB "
+              f"> --budget-gb {args.budget_gb:g} | | | | | |")
+        continue
+      print(f"| {r['seq_len']:,} | {r['step_s']:.1f} | {r['first_step_s']:.1f} | {r['compiled_gib']:.2f} "
+            f"| {r['rss_peak_gib']:.2f} | {r['device_peak_gib']:.2f} | {r['loss'][0]:.3f}, {r['loss'][1]:.3f} |")
+    if base["fits"] and step["fits"]:
+      print(f"ratio T={step['seq_len']:,} / T={base['seq_len']:,}: time x{step['step_s'] / base['step_s']:.1f}, "
+            f"compiled memory x{step['compiled_gib'] / base['compiled_gib']:.1f} "
+            f"(length x{step['seq_len'] // base['seq_len']})", flush=True)
+  if not args.skip_search:
+    found = [largest_fitting(s, args.budget_gb * 2**30, args.min_log2, args.max_log2) for s in args.schedules]
+    results["search"] = found
+    print(f"| schedule | largest T with compiled train step <= {args.budget_gb:g} GiB | its estimate (GiB) |")
+    print("|---|---|---|")
+    for f in found:
+      est = next((r["compiled_gib"] for r in f["rows"] if r["seq_len"] == f["largest_t"]), float("nan"))
+      print(f"| {f['schedule']} | {f['largest_t'] or 'none'}{'' if f['largest_t'] != 1 << args.max_log2 else '+'} "
+            f"| {est:.2f} |")
+  if args.out:
+    with open(args.out, "w") as fh:
+      json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,67 @@
+"""``moejax convert``: HF checkpoint -> workdir that train/eval resume from -> HF again."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from moejax import cli
+from tests.interop import hf_models
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def converted_workdir(tmp_path_factory):
+  """(HF model, ids, a converted workdir); tests that write into the workdir copy it first."""
+  tmp_path = tmp_path_factory.mktemp("convert")
+  model, ids = hf_models.build("mixtral-sliding")
+  hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
+  model.save_pretrained(hf_dir)
+  with open(os.path.join(hf_dir, "tokenizer.json"), "w") as f:  # a byte-level tokenizers file, copied along
+    json.dump(_byte_tokenizer(), f)
+  assert cli.main(["convert", "--from-hf", hf_dir, "--out", workdir]) == 0
+  return model, ids, workdir
+
+
+def _byte_tokenizer() -> dict:
+  tokenizers = pytest.importorskip("tokenizers")
+  vocab = {chr(i) if 32 < i < 127 else f"<{i}>": i for i in range(256)}
+  vocab["</s>"] = 256
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<0>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+  tok.add_special_tokens(["</s>"])
+  return json.loads(tok.to_str())
+
+
+def test_convert_from_hf_and_back_keeps_the_logits(converted_workdir, tmp_path):
+  model, ids, workdir = converted_workdir
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["model"]["mlp_types"] == ["moe"] and saved["data"]["tokenizer"].endswith("tokenizer/tokenizer.json")
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["0"]
+  out = str(tmp_path / "hf_again")
+  assert cli.main(["convert", "--to-hf", workdir, "--out", out]) == 0
+  assert os.path.exists(os.path.join(out, "tokenizer.json"))
+  again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+  np.testing.assert_array_equal(hf_models.logits(again, ids), hf_models.logits(model, ids))
+
+
+def test_convert_errors_exit_2(tmp_path, capsys):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  assert cli.main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "w")]) == 2
+  assert "model_type 'llama' is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_fine_tunes_a_converted_checkpoint(converted_workdir, tmp_path):
+  workdir = str(tmp_path / "workdir")
+  shutil.copytree(converted_workdir[2], workdir)
+  overrides = ["--config.train.steps=2", "--config.train.batch_size=8", "--config.data.seq_len=32",
+               "--config.train.eval_every=0", "--config.train.log_every=1"]
+  assert cli.main(["train", "--config", os.path.join(workdir, "config.py"), "--workdir", workdir, *overrides]) == 0
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == [1, 2]  # resumed from the converted step 0
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0", "2"]

@@ -20,8 +20,8 @@ from moejax.train import Experiment
 
 VARIANTS = {
     "baseline": {},
-    "remat=full": {"model.remat": "full"},
-    "remat=dots": {"model.remat": "dots"},
+    "remat=full": {"model.remat": ("full",)},
+    "remat=dots": {"model.remat": ("dots",)},
     "grad_accum_steps=4": {"train.grad_accum_steps": 4},
     "bfloat16 compute": {"model.dtype": "bfloat16"},
     "mHC streams=4": {"model.hc.streams": 4},

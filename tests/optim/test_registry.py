@@ -73,5 +73,5 @@ def test_every_optimizer_traces_in_the_trainer(name, devices):
   batch = next(exp.data_iterator("train"))
   with exp._context():
     state = jax.eval_shape(lambda: nn.meta.unbox(exp._boxed_init(jax.random.key(0))))
-    _, metrics = jax.eval_shape(exp._train_step, state, batch)
+    _, metrics = jax.eval_shape(exp._train_step, state, batch, exp.extra)
   assert {"loss", "grad_norm", "layer_0/update_rms"} <= metrics.keys()

@@ -299,7 +299,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     e.append(f"model.remat: {name!r} is not one of {REMAT_POLICIES}.")
   _check(e, m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0.")
   _validate_hc_and_mtp(e, m, d.seq_len, ATTENTION, MLP)
-  mlp_entries = set(expand_schedule(m.mlp_types, max(m.num_layers, 1))) | ({m.mtp.mlp_type} if m.mtp.depth else set())
+  mlp_entries = _types_in_use(m, "mlp")
   if any(isinstance(MLP.get(name), type) and issubclass(MLP.get(name), MoE) for name in mlp_entries & set(MLP.names())):
     _validate_moe(m, cfg.mesh, e)
   _validate_attention(m, e)
@@ -405,6 +405,12 @@ def _validate_context(e: list[str], cfg: ml_collections.ConfigDict, context: int
            f"model.attention.window={window} exceeds the {seq_len // context} tokens of one context shard "
            f"(data.seq_len={seq_len} / mesh.context={context}); the halo comes from the previous shard only. "
            "Lower mesh.context or the window.")
+
+
+def _types_in_use(m: ml_collections.ConfigDict, kind: str) -> set[str]:
+  """The ``kind`` ("attention" / "mlp") types the layer schedule and the MTP modules use."""
+  schedule = set(expand_schedule(m[f"{kind}_types"], max(m.num_layers, 1)))
+  return schedule | ({m.mtp[f"{kind}_type"]} if m.mtp.depth else set())
 
 
 def _validate_hc_and_mtp(e: list[str], m: ml_collections.ConfigDict, seq_len: int, attention, mlp) -> None:
@@ -583,8 +589,7 @@ def _validate_muon(e: list[str], cfg: ml_collections.ConfigDict) -> None:
          f"optim.qk_clip_params={tuple(o.qk_clip_params)} must name two parameters: (query, key).")
   if o.qk_clip_tau > 0:
     m = cfg.model
-    types = set(expand_schedule(m.attention_types, max(m.num_layers, 1))) | ({m.mtp.attention_type} if m.mtp.depth
-                                                                             else set())
+    types = _types_in_use(m, "attention")
     _check(e, types <= _QK_NORM, f"optim.qk_clip_tau={o.qk_clip_tau}: QK-clip rescales per-head (query, key) "
            f"projections {tuple(o.qk_clip_params)}, which only {sorted(_QK_NORM)} layers have; the schedule "
            f"also has {sorted(types - _QK_NORM)} (latent / shared-KV projections); set qk_clip_tau=0.")

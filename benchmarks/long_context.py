@@ -1,7 +1,7 @@
 """The 1M-token training step: peak memory and time, and the largest T that fits per attention schedule.
 
   python benchmarks/long_context.py                       # both parts, T = 1,048,576
-  python benchmarks/long_context.py --skip-search         # only the measured step(s)
+  python benchmarks/long_context.py --skip-search         # only the measured step(s) and the remat comparison
   python benchmarks/long_context.py --skip-step --budget-gb 20 --max-log2 24
 
 Model: ``configs/v4_1m.py`` (tiny DeepSeek-V4-shaped: swa/csa/hca + MoE,
@@ -16,6 +16,10 @@ every block rematerialised), batch 1, one device (the first of
   RSS (includes the compiler, the data pipeline and Python), and on GPU the
   allocator's ``peak_bytes_in_use``. The baseline ratio is against T = 1/16 of
   the length, measured in the same run (``--base-log2``).
+* Remat: the compiled step at the baseline length without remat, with
+  ``remat=full`` under XLA's default passes (on CPU they merge the
+  recomputation back into the forward pass) and with ``remat=full`` as
+  moejax compiles it (``moejax.models.block.remat_compiler_options``).
 * Search: for each schedule (dense, sliding, dsa, v4 hybrid: the same widths,
   MoE and remat), T doubles from 2^14 while the compiled train step's
   memory estimate stays under ``--budget-gb`` (nothing is run, so a too-large
@@ -56,15 +60,16 @@ def config(seq_len: int, schedule: str = "v4"):
   return cfg
 
 
-def compiled_bytes(exp: Experiment) -> int:
-  """Peak buffer bytes of the compiled train step (arguments + outputs + temporaries - donated)."""
+def compiled_bytes(exp: Experiment, compiler_options: dict | None = None) -> int:
+  """Peak buffer bytes of the compiled train step (arguments + outputs + temporaries - donated);
+  ``compiler_options`` replace the experiment's own XLA options."""
   cfg = exp.cfg
   shape = (cfg.train.batch_size, cfg.data.seq_len)
   sharding = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=sharding)
            for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
   with exp._context():
-    mem = exp._train_step.lower(exp.abstract_state, batch).compile().memory_analysis()
+    mem = exp._train_step.lower(exp.abstract_state, batch, exp.extra).compile(compiler_options).memory_analysis()
   return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 
@@ -87,6 +92,21 @@ def measure_step(seq_len: int, budget_bytes: float) -> dict:
   return {"seq_len": seq_len, "fits": True, "first_step_s": times[0], "step_s": times[1], "loss": losses,
           "compiled_gib": estimate / 2**30, "rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           "device_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "documents": int(batch["segment_ids"].max())}
+
+
+def remat_effect(seq_len: int) -> list[dict]:
+  """Compiled memory at ``seq_len`` without remat, with ``remat=full`` under XLA's
+  default passes, and with ``remat=full`` as moejax compiles it (``remat_compiler_options``)."""
+  rows = []
+  for name, remat, options in (("remat=none", "none", None), ("remat=full, XLA default passes", "full",
+                                                               {"xla_disable_hlo_passes": ""}),
+                               ("remat=full (moejax)", "full", None)):
+    cfg = config(seq_len)
+    cfg.model.remat = (remat,)
+    need = compiled_bytes(Experiment(cfg, jax.devices()[:1]), options)
+    rows.append({"variant": name, "seq_len": seq_len, "compiled_gib": need / 2**30})
+    print(f"  {name:32s} T={seq_len:,} {need / 2**30:8.2f} GiB", flush=True)
+  return rows
 
 
 def largest_fitting(schedule: str, budget_bytes: float, lo_log2: int, hi_log2: int) -> dict:
@@ -113,6 +133,7 @@ def main(argv=None):
   p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
   p.add_argument("--skip-step", action="store_true")
   p.add_argument("--skip-search", action="store_true")
+  p.add_argument("--skip-remat", action="store_true", help="skip the remat comparison at the baseline length")
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
@@ -135,6 +156,12 @@ def main(argv=None):
       print(f"ratio T={step['seq_len']:,} / T={base['seq_len']:,}: time x{step['step_s'] / base['step_s']:.1f}, "
             f"compiled memory x{step['compiled_gib'] / base['compiled_gib']:.1f} "
             f"(length x{step['seq_len'] // base['seq_len']})", flush=True)
+  if not args.skip_remat:
+    rows = results["remat"] = remat_effect(1 << args.base_log2)
+    print("| variant (T = {:,}) | compiled train step (GiB) | x of remat=none |".format(1 << args.base_log2))
+    print("|---|---|---|")
+    for r in rows:
+      print(f"| {r['variant']} | {r['compiled_gib']:.2f} | {r['compiled_gib'] / rows[0]['compiled_gib']:.2f} |")
   if not args.skip_search:
     found = [largest_fitting(s, args.budget_gb * 2**30, args.min_log2, args.max_log2) for s in args.schedules]
     results["search"] = found

@@ -19,26 +19,17 @@ The argument picks another router recipe (same shapes):
 """
 
 from moejax.config import base_config
-
-RECIPES = {
-    "v3": dict(score="sigmoid", score_bias=True, num_groups=4, topk_groups=2, renormalize=True),
-    "v4": dict(score="sqrtsoftplus", score_bias=True, renormalize=True, routed_scale=1.5, swiglu_limit=10.0),
-    "qwen3": dict(score="softmax", renormalize=True, num_shared=0, load_balance_weight=0.01),
-    "mixtral": dict(score="softmax", renormalize=True, num_shared=0),
-    "expert_choice": dict(router="expert_choice", score="softmax", capacity_factor=1.0),
-    "no_bias": dict(score="sigmoid", score_bias=False, num_groups=4, topk_groups=2, renormalize=True),
-}
-
+from moejax.layers.routers import ROUTER_RECIPES
 
 def get_config(arg: str | None = None):
   recipe = arg or "v3"
-  if recipe not in RECIPES:
-    raise ValueError(f"configs/tiny_moe.py: unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+  if recipe not in ROUTER_RECIPES:
+    raise ValueError(f"configs/tiny_moe.py: unknown recipe {recipe!r}; known: {', '.join(ROUTER_RECIPES)}")
   c = base_config()
   c.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, ffn_dim=384,
                  mlp_types=("dense", "hash_moe" if recipe == "v4" else "moe", "moe", "moe"))
   c.model.moe.update(num_experts=16, top_k=4, expert_ffn_dim=64, num_shared=1, bias_update_rate=0.01)
-  c.model.moe.update(RECIPES[recipe])
+  c.model.moe.update(ROUTER_RECIPES[recipe])
   c.data.seq_len = 256
   c.train.update(steps=400, batch_size=16, log_every=10, eval_every=100, checkpoint_every=100)
   c.optim.update(learning_rate=3e-3, warmup_steps=40)

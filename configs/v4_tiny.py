@@ -22,6 +22,7 @@ usual, e.g. ``--config.model.hc.streams=1`` for the plain residual.
 """
 
 from moejax.config import base_config
+from moejax.layers.routers import ROUTER_RECIPES
 
 DATA = ("passkey", "mqar", "copy", "stdlib")
 
@@ -39,9 +40,8 @@ def get_config(arg: str | None = None):
       q_lora_rank=64, rope_dim=16, rope_layout="interleave", compress_rope_theta=160_000.0,
       csa_ratio=4, hca_ratio=16, o_groups=2, o_lora_rank=64,
       index_heads=4, index_head_dim=32, index_topk=8)
-  c.model.moe.update(num_experts=16, top_k=4, expert_ffn_dim=64, num_shared=1, score="sqrtsoftplus",
-                     score_bias=True, bias_update_rate=0.01, renormalize=True, routed_scale=1.5,
-                     swiglu_limit=10.0)
+  c.model.moe.update(num_experts=16, top_k=4, expert_ffn_dim=64, num_shared=1, bias_update_rate=0.01,
+                     **ROUTER_RECIPES["v4"])
   c.model.hc.streams = 4
   c.model.mtp.update(depth=1, loss_weight=0.3, attention_type="swa", mlp_type="dense")
   c.optim.update(name="muon", learning_rate=3e-3, warmup_steps=40)

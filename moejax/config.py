@@ -510,7 +510,7 @@ def _validate_yarn(e: list[str], y, where: str) -> None:
 def _validate_attention(m: ml_collections.ConfigDict, e: list[str]) -> None:
   """``model.attention``: only the fields the scheduled attention types read."""
   a, w = m.attention, "model.attention"
-  types = set(expand_schedule(m.attention_types, max(m.num_layers, 1)))
+  types = _types_in_use(m, "attention")
   head = m.head_dim or (m.d_model // m.num_heads if m.num_heads >= 1 else 0)
   _check(e, a.implementation in ATTENTION_IMPLEMENTATIONS,
          f"{w}.implementation={a.implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")

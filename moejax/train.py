@@ -30,6 +30,7 @@ from moejax.layers.moe import EXPERT_LOAD_METRIC
 from moejax.losses import chunked_token_stats
 from moejax.metrics import MetricsWriter
 from moejax.models import Hidden, build_model
+from moejax.models.block import remat_compiler_options
 from moejax.models.mtp import mtp_targets
 from moejax.models.state import update_model_state
 from moejax.optim import ParamLayout, build_optimizer, optimizer_metrics
@@ -303,7 +304,8 @@ class Experiment:
         make_train_step(self.model, self.tx, self.schedule, cfg.train.grad_accum_steps, cfg.train.loss_chunk,
                         extra_objective),
         in_shardings=(self.state_shardings, batch_shard, None),
-        out_shardings=(self.state_shardings, None), donate_argnums=0)
+        out_shardings=(self.state_shardings, None), donate_argnums=0,
+        compiler_options=remat_compiler_options(devices[0].platform))
     eval_shardings = (self.state_shardings.params, self.state_shardings.model_state, batch_shard)
     self._eval_step = jax.jit(make_eval_step(self.model, cfg.train.loss_chunk), in_shardings=eval_shardings)
     self._token_stats = jax.jit(

@@ -54,6 +54,8 @@ def _cfg(**fields):
     ({"mesh__data": 1, "mesh__fsdp": 8, "train__batch_size": 4}, 8,
      "must divide over mesh.data*mesh.fsdp*mesh.expert=8"),
     ({"model__attention_types": ("csa",)}, 1, "model.attention.q_lora_rank=0 but ['csa'] layers need a low-rank query"),
+    ({"model__mtp__depth": 1, "model__mtp__attention_type": "csa"}, 1,
+     "model.attention.q_lora_rank=0 but ['csa'] layers need a low-rank query"),
     ({"model__attention_types": ("dsa",), "model__attention__q_lora_rank": 8, "model__attention__indexer_stage": "on"},
      1, "model.attention.indexer_stage='on' is not one of ('warmup', 'sparse', 'off')"),
     ({"model__attention_types": ("hca",), "model__attention__q_lora_rank": 8, "model__attention__o_groups": 3}, 1,

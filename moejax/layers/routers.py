@@ -49,6 +49,17 @@ from moejax.layers.moe_dispatch import capacity
 from moejax.registry import Registry
 
 ROUTERS = Registry("router")
+
+# ``model.moe`` settings of published routers, by name (configs/tiny_moe.py:<name>,
+# configs/v4_tiny.py): ``c.model.moe.update(ROUTER_RECIPES["v4"])``.
+ROUTER_RECIPES = {
+    "v3": dict(score="sigmoid", score_bias=True, num_groups=4, topk_groups=2, renormalize=True),
+    "v4": dict(score="sqrtsoftplus", score_bias=True, renormalize=True, routed_scale=1.5, swiglu_limit=10.0),
+    "qwen3": dict(score="softmax", renormalize=True, num_shared=0, load_balance_weight=0.01),
+    "mixtral": dict(score="softmax", renormalize=True, num_shared=0),
+    "expert_choice": dict(router="expert_choice", score="softmax", capacity_factor=1.0),
+    "no_bias": dict(score="sigmoid", score_bias=False, num_groups=4, topk_groups=2, renormalize=True),
+}
 BIAS_COLLECTION = "router_bias"
 HASH_COLLECTION = "hash_table"
 

@@ -32,6 +32,20 @@ REMAT_POLICIES = {
 ACT = ("act_batch", "act_length", "act_embed")
 
 
+def remat_compiler_options(platform: str) -> dict[str, str]:
+  """XLA options under which ``jax.checkpoint`` actually rematerialises on ``platform``.
+
+  JAX keeps a remat block's recomputation apart from the forward pass with an
+  ``optimization_barrier``; XLA:CPU expands (drops) those barriers early in its
+  pipeline, before common-subexpression elimination, which then merges the
+  recomputation back into the forward pass: every block's activations stay
+  alive until its backward pass and ``model.remat`` saves nothing. Keeping the
+  barriers (skipping that one pass) restores remat on CPU, with bit-identical
+  results (tests/test_model.py). GPU and TPU keep the barriers already.
+  """
+  return {"xla_disable_hlo_passes": "cse_barrier_expander"} if platform == "cpu" else {}
+
+
 class Block(nn.Module):
   """Attention then MLP, each a residual branch ``f`` around a pre-norm.
 

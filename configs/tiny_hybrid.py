@@ -8,7 +8,8 @@ The variant is a comma-separated list: at most one schedule (``sliding``
 (default), ``v4``: 2 x HCA then alternating CSA/HCA, ``mla``, ``dsa``,
 ``mixed``: one layer of each sparse type), at most one indexer stage
 (``warmup``, ``sparse``, ``off``) and at most one data source (``stdlib``,
-``passkey``, ``copy``, ``mqar``). Any field can still be overridden, e.g.
+``passkey``, ``copy``, ``mqar``). Schedules with V4 layers (``v4``, ``mixed``) train
+with Muon. Any field can still be overridden, e.g.
 ``--config.model.attention.window=32``. See docs/attention.md.
 """
 
@@ -49,6 +50,10 @@ def get_config(arg: str | None = None):
   c.data.seq_len = 512
   c.train.update(steps=300, batch_size=8, log_every=10, eval_every=100, checkpoint_every=100)
   c.optim.update(learning_rate=3e-3, warmup_steps=30)
+  if set(SCHEDULES[schedule]) & {"swa", "csa", "hca"}:
+    # V4 layers (unscaled q-norm, one normalised K=V vector) stall under AdamW at this
+    # rate at these widths; Muon trains their windows (docs/attention.md, experiments/long_context).
+    c.optim.name = "muon"
   source = next((t for t in tokens if t in DATA), "stdlib")
   c.data.source = source
   if source != "stdlib":

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import load_config, validate
+from moejax.models.block import remat_compiler_options
 from moejax.train import Experiment
 
 SCHEDULES = {
@@ -98,8 +99,8 @@ def remat_effect(seq_len: int) -> list[dict]:
   """Compiled memory at ``seq_len`` without remat, with ``remat=full`` under XLA's
   default passes, and with ``remat=full`` as moejax compiles it (``remat_compiler_options``)."""
   rows = []
-  for name, remat, options in (("remat=none", "none", None), ("remat=full, XLA default passes", "full",
-                                                               {"xla_disable_hlo_passes": ""}),
+  xla_default = {key: "" for key in remat_compiler_options(jax.devices()[0].platform)}  # undo moejax's options
+  for name, remat, options in (("remat=none", "none", None), ("remat=full, XLA default passes", "full", xla_default),
                                ("remat=full (moejax)", "full", None)):
     cfg = config(seq_len)
     cfg.model.remat = (remat,)

@@ -21,6 +21,7 @@ The argument picks another router recipe (same shapes):
 from moejax.config import base_config
 from moejax.layers.routers import ROUTER_RECIPES
 
+
 def get_config(arg: str | None = None):
   recipe = arg or "v3"
   if recipe not in ROUTER_RECIPES:

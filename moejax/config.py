@@ -490,7 +490,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked")
 INDEXER_STAGES = ("warmup", "sparse", "off")
 ROPE_LAYOUTS = ("half", "interleave")
 _WINDOWED = {"sliding", "swa", "csa", "hca"}
-_V4 = {"swa", "csa", "hca"}
+V4_TYPES = {"swa", "csa", "hca"}  # DeepSeek-V4 attention types (compressed.py)
 _MLA = {"mla", "dsa"}
 _INDEXED = {"dsa", "csa"}
 _QK_NORM = {"dense", "sliding"}
@@ -523,7 +523,7 @@ def _validate_attention(m: ml_collections.ConfigDict, e: list[str]) -> None:
   _validate_yarn(e, a.compress_yarn, f"{w}.compress_yarn")
   if types & _WINDOWED:
     _check(e, a.window >= 1, f"{w}.window={a.window} must be >= 1 for {sorted(types & _WINDOWED)} layers.")
-  if types & (_QK_NORM | _V4):
+  if types & (_QK_NORM | V4_TYPES):
     rotated = a.rope_dim or head
     _check(e, 0 <= a.rope_dim <= head and rotated % 2 == 0,
            f"{w}.rope_dim={a.rope_dim} must be even and in [0, head dim {head}] (0 rotates the whole head).")
@@ -536,11 +536,11 @@ def _validate_attention(m: ml_collections.ConfigDict, e: list[str]) -> None:
     _check(e, a.qk_rope_head_dim >= 2 and a.qk_rope_head_dim % 2 == 0,
            f"{w}.qk_rope_head_dim={a.qk_rope_head_dim} must be even and >= 2 for mla/dsa layers.")
   _check(e, a.q_lora_rank >= 0, f"{w}.q_lora_rank={a.q_lora_rank} must be >= 0 (0: plain query projection).")
-  needs_q_lora = sorted(types & (_V4 | {"dsa"}))
+  needs_q_lora = sorted(types & (V4_TYPES | {"dsa"}))
   if needs_q_lora:
     _check(e, a.q_lora_rank >= 1, f"{w}.q_lora_rank=0 but {needs_q_lora} layers need a low-rank query "
            "(their indexer reads it); set e.g. --config.model.attention.q_lora_rank=64.")
-  if types & _V4:
+  if types & V4_TYPES:
     _check(e, a.o_groups >= 1 and m.num_heads % a.o_groups == 0,
            f"{w}.o_groups={a.o_groups} must divide model.num_heads={m.num_heads}.")
     _check(e, a.o_lora_rank >= 1, f"{w}.o_lora_rank={a.o_lora_rank} must be >= 1.")

@@ -71,15 +71,20 @@ def run(variant: str, steps: int, train_len: int, samples: int, workdir: str) ->
   with open(os.path.join(path, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   train_loss = [r["loss"] for r in records if "loss" in r]
+  factors = (1, 2, 4, 8)
+
+  def grid(run_cfg, ks):
+    exp, step, state = load_checkpoint(run_cfg, path)
+    return step, long_context.retrieval_grid(exp, state, "passkey", [train_len * k for k in ks], list(DEPTHS),
+                                             samples, seed=cfg.seed)
+
+  step, plain = grid(cfg, factors)
+  yarn = [r for r in plain if r["length"] == train_len]  # factor 1: YaRN is off
+  for k in factors[1:]:
+    yarn += grid(with_yarn(cfg, k, train_len), [k])[1]
   results = []
-  for yarn in (False, True):
-    rows = []
-    for k in (1, 2, 4, 8):
-      exp, step, state = load_checkpoint(with_yarn(cfg, k, train_len) if yarn and k > 1 else cfg, path)
-      rows += long_context.retrieval_grid(exp, state, "passkey", [train_len * k], list(DEPTHS), samples,
-                                          seed=cfg.seed)
-    name = f"{variant}+yarn" if yarn else variant
-    long_context.write_report(rows, os.path.join(path, "evals"), f"passkey{'_yarn' if yarn else ''}")
+  for name, rows, report in ((variant, plain, "passkey"), (f"{variant}+yarn", yarn, "passkey_yarn")):
+    long_context.write_report(rows, os.path.join(path, "evals"), report)
     results.append({"variant": name, "schedule": list(VARIANTS[variant][1]), "step": step,
                     "train_loss_first": train_loss[0], "train_loss_last": train_loss[-1], "rows": rows})
   return results
@@ -89,15 +94,7 @@ def plot(results: list[dict], out: str) -> None:
   cols = len(results) // 2  # as trained (top row), with YaRN (bottom row)
   fig, axes = plt.subplots(2, cols, figsize=(3.6 * cols, 6.6), sharey=True, squeeze=False)
   for ax, res in zip(axes.T.ravel(), results):
-    lengths = sorted({r["length"] for r in res["rows"]})
-    grid = np.array([[next(r["accuracy"] for r in res["rows"] if r["length"] == n and r["depth"] == d)
-                      for n in lengths] for d in DEPTHS])
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(DEPTHS)), [f"{d:.2f}" for d in DEPTHS])
-    for i in range(len(DEPTHS)):
-      for j in range(len(lengths)):
-        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    im = long_context.heatmap_panel(ax, res["rows"], fontsize=7)
     ax.set_title(f"{res['variant']}", fontsize=10)
   for ax in axes[-1]:
     ax.set_xlabel("context length (tokens)")

@@ -185,27 +185,34 @@ def write_report(rows: list[dict], out_dir: str, name: str) -> dict[str, str]:
   return paths
 
 
+def heatmap_panel(ax, rows: list[dict], fontsize: int = 8):
+  """Draws the depth x length accuracy grid of retrieval ``rows`` on ``ax``; returns the image."""
+  lengths = sorted({r["length"] for r in rows})
+  depths = sorted({r["depth"] for r in rows})
+  grid = np.full((len(depths), len(lengths)), np.nan)
+  for r in rows:
+    grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
+  im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+  ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+  ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+  for i in range(len(depths)):
+    for j in range(len(lengths)):
+      if np.isfinite(grid[i, j]):
+        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=fontsize)
+  return im
+
+
 def _heatmap(rows: list[dict], path: str, title: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  lengths = sorted({r["length"] for r in rows})
-  depths = sorted({r["depth"] for r in rows})
-  grid = np.full((len(depths), len(lengths)), np.nan)
-  for r in rows:
-    grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
+  lengths, depths = {r["length"] for r in rows}, {r["depth"] for r in rows}
   fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
-  im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-  ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-  ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+  im = heatmap_panel(ax, rows)
   ax.set_xlabel("context length (tokens)")
   ax.set_ylabel("needle depth")
-  for i in range(len(depths)):
-    for j in range(len(lengths)):
-      if np.isfinite(grid[i, j]):
-        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
   ax.set_title(title)
   fig.colorbar(im, ax=ax, label="accuracy")
   fig.tight_layout()

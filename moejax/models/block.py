@@ -41,7 +41,7 @@ def remat_compiler_options(platform: str) -> dict[str, str]:
   recomputation back into the forward pass: every block's activations stay
   alive until its backward pass and ``model.remat`` saves nothing. Keeping the
   barriers (skipping that one pass) restores remat on CPU, with bit-identical
-  results (tests/test_model.py). GPU and TPU keep the barriers already.
+  results (tests/models/test_transformer.py). GPU and TPU keep the barriers already.
   """
   return {"xla_disable_hlo_passes": "cse_barrier_expander"} if platform == "cpu" else {}
 

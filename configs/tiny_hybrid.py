@@ -13,7 +13,8 @@ with Muon. Any field can still be overridden, e.g.
 ``--config.model.attention.window=32``. See docs/attention.md.
 """
 
-from moejax.config import INDEXER_STAGES, V4_TYPES, base_config
+from moejax.config import INDEXER_STAGES, base_config
+from moejax.layers.attention.compressed import V4_TYPES
 
 SCHEDULES = {
     "sliding": ("sliding",) * 5 + ("dense",),
@@ -50,7 +51,7 @@ def get_config(arg: str | None = None):
   c.data.seq_len = 512
   c.train.update(steps=300, batch_size=8, log_every=10, eval_every=100, checkpoint_every=100)
   c.optim.update(learning_rate=3e-3, warmup_steps=30)
-  if set(SCHEDULES[schedule]) & V4_TYPES:
+  if set(SCHEDULES[schedule]) & set(V4_TYPES):
     # V4 layers (unscaled q-norm, one normalised K=V vector) stall under AdamW at this
     # rate at these widths; Muon trains their windows (docs/attention.md, experiments/long_context).
     c.optim.name = "muon"

@@ -88,7 +88,7 @@ def _default_workdir(config_arg: str) -> str:
 
 
 def cmd_train(argv: list[str]) -> int:
-  from moejax.config import validate
+  from moejax.validation import validate
   from moejax.distributed import initialize
   from moejax.train import train
 
@@ -101,7 +101,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_distill(argv: list[str]) -> int:
-  from moejax.config import validate
+  from moejax.validation import validate
   from moejax.distill.run import run_distill
 
   cfg, workdir, _ = _parse("distill", argv)

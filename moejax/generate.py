@@ -30,6 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.config import ConfigError, expand_schedule
+from moejax.layers.attention import ATTENTION
+from moejax.layers.mlp import MLP
+from moejax.layers.moe import MoE  # noqa: F401  (registers the MoE types)
+
 
 class Sampled(NamedTuple):
   tokens_BxN: jax.Array  # int32 [B, max_new_tokens]
@@ -183,19 +188,19 @@ def _sample(model, variables, prompts_BxP, prompt_lengths_B, rng, max_new_tokens
 def check_decodable(model_cfg) -> None:
   """Raises ConfigError if cached decoding cannot reproduce the model's forward pass.
 
-  Token-choice routing is per token, so decoding is exact; expert-choice
-  routing and capacity dispatch depend on the other tokens of the batch.
+  Asks the registry entries in use: every attention type needs a ``decode``
+  method, and no MLP type may depend on the other tokens of the batch
+  (``batch_dependence``: e.g. expert-choice routing and capacity dispatch;
+  token-choice routing is per token, so decoding it is exact).
   """
-  from moejax.config import ConfigError, expand_schedule
-
-  mlp = set(expand_schedule(model_cfg.mlp_types, model_cfg.num_layers))
   errors = []
-  if "moe" in mlp and model_cfg.moe.router == "expert_choice":
-    errors.append(f"model.moe.router={model_cfg.moe.router!r} routes over the whole batch, so a token's experts "
-                  "change with what else is decoded; generate with a token-choice router (e.g. topk).")
-  if mlp & {"moe", "hash_moe"} and model_cfg.moe.dispatch == "capacity":
-    errors.append(f"model.moe.dispatch={model_cfg.moe.dispatch!r} drops tokens depending on the batch; generate "
-                  "with --config.model.moe.dispatch=dropless (same weights).")
+  for name in sorted(set(expand_schedule(model_cfg.attention_types, model_cfg.num_layers))):
+    if name in ATTENTION and not callable(getattr(ATTENTION.get(name), "decode", None)):
+      errors.append(f"attention type {name!r} has no decode method, so it cannot generate; give its class a "
+                    "decode(x_BxCxD, positions_BxC, segment_ids_BxC, max_len) (docs/extending.md).")
+  for name in sorted(set(expand_schedule(model_cfg.mlp_types, model_cfg.num_layers))):
+    reasons = MLP.capability(name, "batch_dependence") if name in MLP else None
+    errors.extend(r for r in (reasons(model_cfg) if reasons else []) if r not in errors)
   if errors:
     raise ConfigError(" ".join(errors))
 

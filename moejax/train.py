@@ -37,6 +37,7 @@ from moejax.optim import ParamLayout, build_optimizer, optimizer_metrics
 from moejax.optim.registry import layer_name, path_str
 from moejax.preemption import StopRequests
 from moejax.sharding import LOGICAL_RULES, batch_sharding, logical_sharding, make_mesh, put_batch
+from moejax.validation import validate
 
 Batch = dict[str, jax.Array]
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ class Experiment:
 
   def __init__(self, cfg: ml_collections.ConfigDict, devices=None, extra_objective: ExtraObjective | None = None):
     devices = list(jax.devices() if devices is None else devices)
-    config_lib.validate(cfg, num_devices=len(devices))
+    validate(cfg, num_devices=len(devices))
     self.cfg = cfg
     self.mesh = make_mesh(cfg.mesh, devices)
     self.model = build_model(cfg.model)

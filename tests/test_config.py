@@ -2,7 +2,8 @@
 
 import pytest
 
-from moejax.config import ConfigError, base_config, load_config, validate
+from moejax.config import ConfigError, base_config, load_config
+from moejax.validation import validate
 
 
 def _cfg(**fields):

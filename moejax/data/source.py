@@ -11,6 +11,11 @@ is registered under the ``data.source`` name::
 A document is ``{"tokens": int32[n], "weights": float32[n]}``: ``weights[i]``
 is the loss weight for predicting ``tokens[i]`` from ``tokens[:i]`` (so
 ``weights[0]`` is never used). ``split`` is one of :data:`SPLITS`.
+
+A source owns the checks of the ``data.*`` fields it reads:
+``@SOURCES.register("name", validate_config=fn)`` with ``fn(cfg) -> list[str]``
+(error messages naming the field, the value and the fix) runs when the
+config selects it.
 """
 
 from __future__ import annotations

@@ -193,6 +193,15 @@ def _factory(name: str, task: Callable[[Tokenizer, int], Callable[[np.random.Gen
   return make
 
 
-SOURCES.register("passkey")(_factory("passkey", Passkey))
-SOURCES.register("mqar")(_factory("mqar", MQAR))
-SOURCES.register("copy")(_factory("copy", Copy))
+def validate_task_length(cfg) -> list[str]:
+  """``data.task_length`` of the synthetic tasks: an example fits one packed row."""
+  d = cfg.data
+  if 1 <= d.task_length <= d.seq_len + 1:
+    return []
+  return [f"data.task_length={d.task_length} must be in [1, data.seq_len + 1 = {d.seq_len + 1}] so an "
+          f"example's answer stays in the same row as its context; raise data.seq_len or lower it."]
+
+
+SOURCES.register("passkey", validate_config=validate_task_length)(_factory("passkey", Passkey))
+SOURCES.register("mqar", validate_config=validate_task_length)(_factory("mqar", MQAR))
+SOURCES.register("copy", validate_config=validate_task_length)(_factory("copy", Copy))

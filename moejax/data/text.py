@@ -216,7 +216,14 @@ def _expand_globs(spec: str) -> list[str]:
   return sorted(paths)
 
 
-@SOURCES.register("files")
+def _validate_files(cfg) -> list[str]:
+  """``data.files`` must name something to read."""
+  if cfg.data.files.strip():
+    return []
+  return ["data.source='files' needs data.files, e.g. --config.data.files='corpus/*.txt'."]
+
+
+@SOURCES.register("files", validate_config=_validate_files)
 def files_source(data_cfg, split: str, tokenizer: Tokenizer) -> TextDocuments:
   """User text: each ``.txt`` file, and each line of a ``.jsonl`` file, is a document."""
   paths = _expand_globs(data_cfg.files)

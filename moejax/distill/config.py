@@ -1,7 +1,8 @@
 """The ``distill`` config section: multi-specialist distillation (docs/distill.md).
 
-Part of the one schema (``moejax/config.py:base_config`` adds it; plain
-``moejax train`` ignores it). A domain is a data source plus its teacher::
+Part of the one schema (``moejax/config.py:distill_config`` holds its fields
+and defaults, ``base_config`` adds it; plain ``moejax train`` ignores it);
+its validation is :func:`validate_distill` here. A domain is a data source plus its teacher::
 
     c.distill.domains.email = domain(source="stdlib", stdlib_packages="email")
     c.distill.domains.copy = domain(source="copy", teacher_steps=100, weight=2.0)
@@ -20,28 +21,12 @@ import os
 
 import ml_collections
 
+from moejax.config import base_config, distill_config, load_config
+from moejax.data import SOURCES
+
 KL_DIRECTIONS = ("forward", "reverse")   # forward: KL(p_teacher || p_student); reverse: KL(p_student || p_teacher)
 MODES = ("off_policy", "on_policy")      # teacher-forced on data | on the student's own samples
 TEACHER_SOURCES = ("cohost", "cache")    # teachers in the step | precomputed teacher hidden states
-
-
-def distill_config() -> ml_collections.ConfigDict:
-  """``config.distill`` with its defaults (no domains: nothing to distill)."""
-  return ml_collections.ConfigDict(dict(
-      alpha=0.5,               # weight of the label CE; 1 - alpha weighs T^2 * KL
-      temperature=1.0,         # T: both distributions are softmax(logits / T)
-      kl="forward",            # forward | reverse
-      mode="off_policy",       # off_policy (teacher-forced on data) | on_policy (student samples)
-      teacher_source="cohost", # cohost (teachers run in the jitted step) | cache (precomputed, read back)
-      cache_dir="",            # teacher_source=cache: where the cache lives ("" = WORKDIR/teacher_cache)
-      cache_batches=0,         # teacher_source=cache: batches cached then cycled (0: train.steps)
-      teacher_config="",       # every teacher's config file[:arg] ("" = the student's config, all MLPs dense)
-      teacher_steps=300,       # training steps of each specialist (a domain may override)
-      prompt_len=32,           # on_policy: prompt tokens taken from each domain's data
-      continuation_len=32,     # on_policy: tokens the student samples after each prompt
-      sample_temperature=1.0,  # on_policy: the student's sampling temperature
-      domains=ml_collections.ConfigDict(),  # name -> domain(...)
-  ))
 
 
 def domain(source: str, *, weight: float = 1.0, teacher_steps: int = 0, teacher_config: str = "",
@@ -74,9 +59,7 @@ def rows_per_domain(cfg: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def validate_distill(e: list[str], cfg: ml_collections.ConfigDict) -> None:
-  """Appends an error per invalid ``distill.*`` field (called by ``config.validate``)."""
-  from moejax.data import SOURCES
-
+  """Appends an error per invalid ``distill.*`` field (called by ``moejax.validation.validate``)."""
   dc, w = cfg.distill, "distill"
   _need = lambda ok, msg: ok or e.append(msg)
   _need(0.0 <= dc.alpha <= 1.0, f"{w}.alpha={dc.alpha} must be in [0, 1] (1: labels only, 0: KL only).")
@@ -141,8 +124,6 @@ def teacher_config(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.
   by default the student's own config with every MLP dense (a dense
   specialist of the student's shape).
   """
-  from moejax.config import base_config, load_config
-
   d = cfg.distill.domains[name]
   if d.teacher_workdir:
     with open(os.path.join(d.teacher_workdir, "config.json")) as f:

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from moejax import config as config_lib
+from moejax.validation import validate
 from moejax.checkpoint import Checkpointer
 from moejax.distill import cache as cache_lib
 from moejax.distill.config import teacher_config
@@ -203,7 +204,7 @@ def run_distill(cfg: ml_collections.ConfigDict, workdir: str, devices=None) -> d
   """The whole recipe (module docstring); returns the report's per-domain table."""
   from moejax.distill import report
 
-  config_lib.validate(cfg, num_devices=len(devices or jax.devices()))
+  validate(cfg, num_devices=len(devices or jax.devices()))
   if not cfg.distill.domains:
     raise config_lib.ConfigError("distill.domains is empty; add domains, e.g. "
                                  "c.distill.domains.email = domain(source='stdlib', stdlib_packages='email') "

@@ -33,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from moejax import config as config_lib
+from moejax.validation import validate
 from moejax.interop.archs import ARCHS, HFFields
 from moejax.layers import DTYPES
 from moejax.interop.layout import LAYOUTS, Tensor
@@ -137,7 +138,7 @@ def load(directory: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None 
     hf_config = json.load(f)
   cfg = config_from_hf(hf_config)
   cfg.model.dtype = cfg.model.param_dtype = dtype
-  config_lib.validate(cfg)
+  validate(cfg)
   model = build_model(cfg.model)
   variables = load_variables(directory, model, hf_config, mesh)
   return model, variables
@@ -220,7 +221,7 @@ def from_transformers(torch_model, dtype: str = "float32", mesh: jax.sharding.Me
   hf_config = torch_model.config.to_dict()
   cfg = config_from_hf(hf_config)
   cfg.model.dtype = cfg.model.param_dtype = dtype
-  config_lib.validate(cfg)
+  validate(cfg)
   model = build_model(cfg.model)
   state_dict = revert_weight_conversion(torch_model, dict(torch_model.state_dict()))
   return model, _place(_StateDictReader(state_dict), model, hf_config["model_type"], mesh)

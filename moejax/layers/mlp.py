@@ -19,7 +19,10 @@ import ml_collections
 from moejax.layers import DTYPES
 from moejax.registry import Registry
 
-MLP = Registry("mlp type")
+# Capabilities: ``batch_dependence(model_cfg) -> list[str]``, the reasons (as config errors)
+# why a layer's output for a token depends on the other tokens of the batch under this
+# config, so cached decoding cannot reproduce it (default: none); ``validate_config``.
+MLP = Registry("mlp type", capabilities=dict(batch_dependence=None))
 
 
 def swiglu(gate, up, limit: float = 0.0):

@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.config import DISPATCH_MODES, SCORES
 from moejax.layers import DTYPES
 from moejax.layers.mlp import MLP, SwiGLU
-from moejax.layers.moe_dispatch import DispatchSpec, ExpertWeights, dispatch, resolve_backend
+from moejax.layers.moe_dispatch import BACKENDS, DispatchSpec, ExpertWeights, dispatch, resolve_backend
 from moejax.layers.routers import ROUTERS, RouterAux
 
 EXPERT_LOAD_METRIC = "expert_load"  # the trainer's expert-collapse warning reads it
@@ -65,6 +66,23 @@ class MoE(nn.Module):
 
   cfg: ml_collections.FrozenConfigDict
   router: str = ""
+
+  @staticmethod
+  def validate_config(cfg) -> list[str]:
+    return validate_moe(cfg)
+
+  @classmethod
+  def batch_dependence(cls, model_cfg) -> list[str]:
+    """Expert-choice-like routers and capacity dispatch depend on the other tokens of the batch."""
+    moe, router = model_cfg.moe, cls.router or model_cfg.moe.router
+    reasons = []
+    if router in ROUTERS and ROUTERS.capability(router, "batch_dependent"):
+      reasons.append(f"model.moe.router={router!r} routes over the whole batch, so a token's experts change with "
+                     "what else is decoded; generate with a token-choice router (e.g. topk).")
+    if moe.dispatch == "capacity":
+      reasons.append(f"model.moe.dispatch={moe.dispatch!r} drops tokens depending on the batch; generate "
+                     "with --config.model.moe.dispatch=dropless (same weights).")
+    return reasons
 
   @nn.compact
   def __call__(self, x_BxTxD, token_ids_BxT=None):
@@ -132,3 +150,60 @@ class HashMoE(MoE):
   """:class:`MoE` with the frozen token-id -> experts ``hash`` router (DeepSeek-V4)."""
 
   router: str = "hash"
+
+
+def validate_moe(cfg: ml_collections.ConfigDict) -> list[str]:
+  """Errors of ``model.moe`` (and its mesh constraints) when a layer is an MoE type."""
+  e: list[str] = []
+  need = lambda ok, msg: ok or e.append(msg)
+  moe, mesh = cfg.model.moe, cfg.mesh
+  for field in ("num_experts", "top_k", "expert_ffn_dim", "num_groups", "topk_groups"):
+    need(moe[field] >= 1, f"model.moe.{field}={moe[field]} must be >= 1.")
+  need(moe.num_shared >= 0, f"model.moe.num_shared={moe.num_shared} must be >= 0.")
+  need(moe.top_k <= moe.num_experts,
+       f"model.moe.top_k={moe.top_k} exceeds model.moe.num_experts={moe.num_experts}; lower top_k or add experts.")
+  need(moe.score in SCORES, f"model.moe.score={moe.score!r} is not one of {SCORES}.")
+  need(moe.dispatch in DISPATCH_MODES, f"model.moe.dispatch={moe.dispatch!r} is not one of {DISPATCH_MODES}.")
+  need(moe.capacity_factor > 0, f"model.moe.capacity_factor={moe.capacity_factor} must be > 0.")
+  need(moe.routed_scale > 0, f"model.moe.routed_scale={moe.routed_scale} must be > 0.")
+  need(moe.swiglu_limit >= 0, f"model.moe.swiglu_limit={moe.swiglu_limit} must be >= 0 (0 disables).")
+  need(moe.collapse_steps >= 0, f"model.moe.collapse_steps={moe.collapse_steps} must be >= 0 (0 disables).")
+  need(moe.bias_update_rate >= 0, f"model.moe.bias_update_rate={moe.bias_update_rate} must be >= 0.")
+  for field in ("load_balance_weight", "seq_balance_weight", "z_loss_weight"):
+    need(moe[field] >= 0, f"model.moe.{field}={moe[field]} must be >= 0 (0 disables).")
+
+  need(moe.router in ROUTERS, f"model.moe.router={moe.router!r} is unknown; known: {', '.join(ROUTERS.names())} "
+       "(register yours with @ROUTERS.register and import it from your config file).")
+  if moe.router in ROUTERS:
+    need(not moe.score_bias or ROUTERS.capability(moe.router, "supports_bias"),
+         f"model.moe.score_bias=True but router {moe.router!r} has no selection bias; use router='topk' "
+         "or set score_bias=False.")
+    need(moe.num_groups == 1 or ROUTERS.capability(moe.router, "supports_groups"),
+         f"model.moe.num_groups={moe.num_groups} but router {moe.router!r} does not limit groups; use "
+         "router='topk' or num_groups=1.")
+  if moe.num_groups >= 1 and moe.num_experts % moe.num_groups == 0 and moe.num_groups > 1:
+    per_group = moe.num_experts // moe.num_groups
+    need(moe.topk_groups <= moe.num_groups,
+         f"model.moe.topk_groups={moe.topk_groups} exceeds model.moe.num_groups={moe.num_groups}.")
+    need(moe.top_k <= moe.topk_groups * per_group,
+         f"model.moe.top_k={moe.top_k} exceeds the {moe.topk_groups * per_group} experts in topk_groups="
+         f"{moe.topk_groups} groups of {per_group}; raise topk_groups or lower top_k.")
+  elif moe.num_groups > 1:
+    e.append(f"model.moe.num_groups={moe.num_groups} does not divide model.moe.num_experts={moe.num_experts}; "
+             "pick a divisor.")
+
+  if moe.backend != "auto" and moe.backend not in BACKENDS:
+    e.append(f"model.moe.backend={moe.backend!r} is unknown; known: auto, {', '.join(BACKENDS.names())}.")
+  elif moe.backend != "auto" and moe.dispatch in DISPATCH_MODES:
+    backend = BACKENDS.get(moe.backend)
+    need(getattr(backend, moe.dispatch),
+         f"model.moe.backend={moe.backend!r} does not support dispatch={moe.dispatch!r}; use backend='einsum' "
+         "(supports both) or 'auto'.")
+    need(mesh.expert == 1 or backend.expert_parallel,
+         f"model.moe.backend={moe.backend!r} does not support expert parallelism (mesh.expert={mesh.expert}); "
+         "use backend='einsum' or 'auto'.")
+  if mesh.expert != -1 and mesh.expert > 1:
+    need(moe.num_experts % mesh.expert == 0,
+         f"mesh.expert={mesh.expert} does not divide model.moe.num_experts={moe.num_experts}; experts are split "
+         "evenly over the expert axis.")
+  return e

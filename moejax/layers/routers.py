@@ -48,7 +48,10 @@ from flax import traverse_util
 from moejax.layers.moe_dispatch import capacity
 from moejax.registry import Registry
 
-ROUTERS = Registry("router")
+# Capabilities (class attributes): supports_bias (model.moe.score_bias), supports_groups
+# (model.moe.num_groups > 1), batch_dependent (a token's experts depend on the other tokens of
+# the batch, so cached decoding cannot reproduce the forward pass).
+ROUTERS = Registry("router", capabilities=dict(supports_bias=False, supports_groups=False, batch_dependent=False))
 
 # ``model.moe`` settings of published routers, by name (configs/tiny_moe.py:<name>,
 # configs/v4_tiny.py): ``c.model.moe.update(ROUTER_RECIPES["v4"])``.
@@ -181,6 +184,8 @@ class ExpertChoiceRouter(nn.Module):
   highest scores ``s[:, e]``, C = ceil(capacity_factor * N * top_k / E); a
   token may get 0..E experts. x_NxD -> expert_NxE (slot e holds e or E =
   empty), weight_NxE, aux."""
+
+  batch_dependent: ClassVar[bool] = True
 
   cfg: ml_collections.FrozenConfigDict
 

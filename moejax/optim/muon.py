@@ -38,17 +38,17 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from moejax.optim.newton_schulz import newton_schulz, orthogonality_error
+from moejax.config import MUON_EXCLUDE, muon_config
+from moejax.optim.newton_schulz import COEFFICIENTS, newton_schulz, orthogonality_error
 from moejax.optim.registry import OPTIMIZERS, ParamLayout, by_path, layer_name, path_str, weight_decay_mask
 
 # Logical axes along which a stack holds independent matrices (one per expert).
 BATCH_AXES = ("expert",)
 # A leaf with one of these logical axes goes to AdamW (embeddings, LM head).
 ADAM_AXES = ("vocab",)
-# Path patterns (``re.search`` on "layer_0/mlp/router/w_gate") sent to AdamW:
-# router gates, hyper-connection parameters (modules ``*_hc`` / ``hc_*``), and
-# embeddings / LM heads by name (for plain pytrees without axis names).
-DEFAULT_EXCLUDE = (r"(^|/)router/", r"(^|/)(\w+_hc|hc_\w+)/", r"(^|/)\w*(embed|lm_head)\w*$")
+# Path patterns (``re.search`` on "layer_0/mlp/router/w_gate") sent to AdamW (the
+# schema's default ``optim.muon.exclude``, moejax/config.py).
+DEFAULT_EXCLUDE = MUON_EXCLUDE
 SCALES = ("moonlight", "keller")
 
 
@@ -299,7 +299,32 @@ def _adam_lr(o: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Schedule
   return lambda step: ratio * lr(step)
 
 
-@OPTIMIZERS.register("muon")
+def validate_muon_options(cfg: ml_collections.ConfigDict) -> list[str]:
+  """Errors of ``optim.muon.*`` (checked wherever the section is present, so a sweep arm that
+  switches to Muon cannot start from bad options)."""
+  e: list[str] = []
+  need = lambda ok, msg: ok or e.append(msg)
+  mu = cfg.optim.muon
+  need(0.0 <= mu.momentum < 1.0, f"optim.muon.momentum={mu.momentum} must be in [0, 1).")
+  need(mu.coefficients in COEFFICIENTS,
+       f"optim.muon.coefficients={mu.coefficients!r} is unknown; known: {', '.join(sorted(COEFFICIENTS))}.")
+  need(mu.ns_steps >= 1, f"optim.muon.ns_steps={mu.ns_steps} must be >= 1 (5 is standard).")
+  need(mu.ns_dtype in ("bfloat16", "float32"), f"optim.muon.ns_dtype={mu.ns_dtype!r} must be 'bfloat16' or 'float32'.")
+  need(mu.scale in SCALES, f"optim.muon.scale={mu.scale!r} is not one of {SCALES}.")
+  need(mu.rms > 0, f"optim.muon.rms={mu.rms} must be > 0 (0.2 matches AdamW's update RMS).")
+  need(mu.adam_lr_ratio > 0, f"optim.muon.adam_lr_ratio={mu.adam_lr_ratio} must be > 0.")
+  for pattern in mu.exclude:
+    try:
+      re.compile(pattern)
+    except re.error as err:
+      e.append(f"optim.muon.exclude: {pattern!r} is not a regular expression ({err}); fix or remove it.")
+  return e
+
+
+_MUON_OPTIONS = dict(section="muon", defaults=muon_config, validate_config=validate_muon_options)
+
+
+@OPTIMIZERS.register("muon", **_MUON_OPTIONS)
 def muon_from_config(o: ml_collections.ConfigDict, lr: optax.Schedule,
                      layout: ParamLayout | None) -> optax.GradientTransformation:
   """``optim.muon.*``; the AdamW branch uses ``b1``, ``b2``, ``eps``, ``weight_decay``
@@ -312,7 +337,7 @@ def muon_from_config(o: ml_collections.ConfigDict, lr: optax.Schedule,
               adam_learning_rate=_adam_lr(o, lr), adam_b1=o.b1, adam_b2=o.b2, adam_eps=o.eps)
 
 
-@OPTIMIZERS.register("optax_muon")
+@OPTIMIZERS.register("optax_muon", **_MUON_OPTIONS)
 def optax_muon_from_config(o: ml_collections.ConfigDict, lr: optax.Schedule,
                            layout: ParamLayout | None) -> optax.GradientTransformation:
   """``optax.contrib.muon`` as a peer baseline, on the same matrices as ``muon``

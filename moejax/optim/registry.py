@@ -16,7 +16,11 @@ import optax
 
 from moejax.registry import Registry
 
-OPTIMIZERS = Registry("optimizer")
+# Capabilities (``register`` keywords): ``section``, the name of the optimizer's own options
+# ``optim.<section>``; ``defaults() -> ConfigDict``, that section's fields and defaults;
+# ``validate_config(cfg) -> list[str]``, their checks (run when the optimizer is selected or
+# its section is present). :func:`use_optimizer` adds the section to a config.
+OPTIMIZERS = Registry("optimizer", capabilities=dict(section=None, defaults=None))
 SCHEDULES = Registry("schedule")
 
 
@@ -124,6 +128,16 @@ def sophia(o: ml_collections.ConfigDict, lr: optax.Schedule, layout=None) -> opt
   0.99, gamma 0.01, per-coordinate clip 1; decoupled weight decay."""
   return optax.contrib.sophia(lr, b1=o.b1, b2=0.99, weight_decay=o.weight_decay,
                               weight_decay_mask=weight_decay_mask)
+
+
+def use_optimizer(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Selects optimizer ``name`` (``cfg.optim.name``) and adds its options section with defaults
+  if the config lacks it; call it in ``get_config`` before the config is locked. Returns ``cfg``."""
+  cfg.optim.name = name
+  section, defaults = OPTIMIZERS.capability(name, "section"), OPTIMIZERS.capability(name, "defaults")
+  if section and section not in cfg.optim:
+    cfg.optim[section] = defaults() if defaults else ml_collections.ConfigDict()
+  return cfg
 
 
 def build_optimizer(o: ml_collections.ConfigDict, total_steps: int, layout: ParamLayout | None = None):

@@ -32,6 +32,7 @@ from typing import Any
 import ml_collections
 
 from moejax import config as config_lib
+from moejax.validation import validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,7 @@ def run_config(base: ml_collections.ConfigDict, overrides: dict[str, Any], run_n
     except TypeError as err:
       raise config_lib.ConfigError(f"run {run_name}: {dotted}={value!r} has the wrong type: {err}") from None
   try:
-    config_lib.validate(cfg)
+    validate(cfg)
   except config_lib.ConfigError as err:
     raise config_lib.ConfigError(f"run {run_name}: {err}") from None
   if cfg.train.eval_every <= 0:

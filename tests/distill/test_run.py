@@ -6,7 +6,8 @@ import os
 import pytest
 
 from moejax.cli import main
-from moejax.config import ConfigError, validate
+from moejax.config import ConfigError
+from moejax.validation import validate
 from moejax.distill.config import domain
 from tests.distill.helpers import tiny_distill_cfg
 

@@ -17,9 +17,9 @@ in ``model.attention`` (see docs/attention.md):
             entries picked by an indexer / + all heavily compressed entries  (compressed.py)
 """
 
-from moejax.registry import Registry
-
-ATTENTION = Registry("attention type")
+from moejax.layers.attention.registry import ATTENTION
 
 # Importing a module registers the types it defines.
 from moejax.layers.attention import compressed, dense, dsa, mla, sliding  # noqa: E402,F401
+
+__all__ = ["ATTENTION"]

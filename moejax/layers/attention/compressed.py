@@ -40,7 +40,7 @@ position_bias, kv_norm, q_b_proj, scorer.weights_proj}.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax.layers.attention import ATTENTION, cache, context_parallel, core, indexer, options
+from moejax.layers.attention import cache, context_parallel, core, indexer, options
+from moejax.layers.attention.registry import ATTENTION
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import Rope, apply_rope
 
@@ -203,6 +204,11 @@ class CompressedIndexer(nn.Module):
 
 class V4Attention(nn.Module):
   """x_BxTxD -> y_BxTxD: DeepSeek-V4 attention (see module doc); ``compression`` none | csa | hca."""
+
+  windowed: ClassVar[bool] = True
+  rope_dim: ClassVar[bool] = True
+  needs_q_lora: ClassVar[bool] = True
+  grouped_output: ClassVar[bool] = True
 
   cfg: ml_collections.FrozenConfigDict
   compression: str = "none"
@@ -361,7 +367,14 @@ class SlidingV4Attention(V4Attention):
 class CompressedSparseAttention(V4Attention):
   """DeepSeek-V4 CSA: window + indexer-selected overlapping compressed entries (m = csa_ratio)."""
 
+  indexed: ClassVar[bool] = True
+
   compression: str = "csa"
+
+  @staticmethod
+  def validate_config(cfg) -> list[str]:
+    a = cfg.model.attention
+    return _check_ratio(a, "csa_ratio") + indexer.check_rope(a, "csa", a.rope_dim or a.index_head_dim)
 
 
 @ATTENTION.register("hca")
@@ -369,3 +382,14 @@ class HeavilyCompressedAttention(V4Attention):
   """DeepSeek-V4 HCA: window + all heavily compressed entries (m = hca_ratio)."""
 
   compression: str = "hca"
+
+  @staticmethod
+  def validate_config(cfg) -> list[str]:
+    return _check_ratio(cfg.model.attention, "hca_ratio")
+
+
+V4_TYPES = ("swa", "csa", "hca")  # the DeepSeek-V4 types above
+
+
+def _check_ratio(a, field: str) -> list[str]:
+  return [] if a[field] >= 1 else [f"model.attention.{field}={a[field]} must be >= 1 (tokens per compressed entry)."]

@@ -15,11 +15,14 @@ Parameters: ``w_q [D, H, Dh]``, ``w_k``/``w_v [D, K, Dh]``, ``w_o [H, Dh, D]``
 per head), ``q_norm``/``k_norm`` (``q_norm``/``k_norm``), ``sinks [H]``.
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers.attention import ATTENTION, cache, context_parallel, core, options
+from moejax.layers.attention import cache, context_parallel, core, options
+from moejax.layers.attention.registry import ATTENTION
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
 
@@ -27,6 +30,10 @@ from moejax.layers.rope import apply_rope
 @ATTENTION.register("dense")
 class DenseAttention(nn.Module):
   """x_BxTxD -> y_BxTxD; q: [B,T,H,Dh], k/v: [B,T,K,Dh]; every key up to the query."""
+
+  rope_dim: ClassVar[bool] = True
+  qk_norm: ClassVar[bool] = True
+  qk_clip_params: ClassVar[tuple[str, str]] = ("w_q", "w_k")
 
   cfg: ml_collections.FrozenConfigDict
 

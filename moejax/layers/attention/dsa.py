@@ -15,18 +15,28 @@ Parameters: those of ``mla`` (requires ``q_lora_rank > 0``) plus
 weights_proj, wk, k_norm}``).
 """
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 
 import flax.linen as nn
 
-from moejax.layers.attention import ATTENTION, cache, context_parallel, core, indexer, options
+from moejax.layers.attention import cache, context_parallel, core, indexer, options
 from moejax.layers.attention.mla import MLAProjection, MLAttention
+from moejax.layers.attention.registry import ATTENTION
 
 
 @ATTENTION.register("dsa")
 class DSAttention(MLAttention):
   """x_BxTxD -> y_BxTxD: MLA over each query's indexer-selected top-k previous tokens."""
+
+  needs_q_lora: ClassVar[bool] = True
+  indexed: ClassVar[bool] = True
+
+  @staticmethod
+  def validate_config(cfg) -> list[str]:
+    return indexer.check_rope(cfg.model.attention, "dsa", cfg.model.attention.qk_rope_head_dim)
 
   def setup(self):
     super().setup()

@@ -38,6 +38,14 @@ from moejax.layers.attention import core, options
 from moejax.layers.rope import Rope, apply_rope
 
 
+def check_rope(a, attention_type: str, rope_channels: int) -> list[str]:
+  """The config check of an indexer that rotates ``rope_channels`` of its ``index_head_dim`` channels."""
+  if rope_channels <= a.index_head_dim and rope_channels % 2 == 0:
+    return []
+  return [f"model.attention.index_head_dim={a.index_head_dim} is smaller than the {rope_channels} rope channels "
+          f"the {attention_type} indexer rotates; raise index_head_dim."]
+
+
 
 def indexer_queries(module: nn.Module, x_BxTxD, q_resid_BxTxRq, positions_BxT, rope: Rope):
   """(q_BxTxJxI rotated, w_BxTxJ float32 head weights incl. ``J^-0.5 I^-0.5``).

@@ -26,14 +26,15 @@ reshaped, ``w_o [H, Dv, D]`` = o_proj.T reshaped.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers.attention import ATTENTION, cache, context_parallel, core, options
+from moejax.layers.attention import cache, context_parallel, core, options
+from moejax.layers.attention.registry import ATTENTION
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
 
@@ -51,6 +52,8 @@ class MLAProjection(NamedTuple):
 @ATTENTION.register("mla")
 class MLAttention(nn.Module):
   """x_BxTxD -> y_BxTxD: DeepSeek-V3 MLA over all previous keys (see module doc)."""
+
+  latent_kv: ClassVar[bool] = True
 
   cfg: ml_collections.FrozenConfigDict
 

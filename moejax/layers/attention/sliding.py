@@ -7,13 +7,17 @@ the window, so time and memory are O(T * (window + chunk_size)); mix with
 ``dense`` layers through the schedule, e.g. 5 sliding : 1 dense.
 """
 
-from moejax.layers.attention import ATTENTION
+from typing import ClassVar
+
 from moejax.layers.attention.dense import DenseAttention
+from moejax.layers.attention.registry import ATTENTION
 
 
 @ATTENTION.register("sliding")
 class SlidingAttention(DenseAttention):
   """x_BxTxD -> y_BxTxD; ``dense`` restricted to the last ``attention.window`` keys."""
+
+  windowed: ClassVar[bool] = True
 
   def window(self) -> int:
     return self.cfg.attention.window

@@ -72,7 +72,8 @@ def validate_attention(cfg: ml_collections.ConfigDict, types: set[str]) -> list[
   if has("indexed"):
     for f in ("index_heads", "index_head_dim", "index_topk"):
       _need(e, a[f] >= 1, f"{w}.{f}={a[f]} must be >= 1 for {has('indexed')} layers.")
-    _need(e, a.indexer_stage in INDEXER_STAGES, f"{w}.indexer_stage={a.indexer_stage!r} is not one of {INDEXER_STAGES}.")
+    _need(e, a.indexer_stage in INDEXER_STAGES,
+          f"{w}.indexer_stage={a.indexer_stage!r} is not one of {INDEXER_STAGES}.")
     _need(e, a.indexer_loss_weight >= 0, f"{w}.indexer_loss_weight={a.indexer_loss_weight} must be >= 0.")
     _need(e, a.indexer_recall_queries >= 0,
           f"{w}.indexer_recall_queries={a.indexer_recall_queries} must be >= 0 (0: no recall metric).")

@@ -3,6 +3,7 @@ non-trainable state; and the one-file extensions of configs/extend (an attention
 decodes, an optimizer with validated options, a data source), each run end to end."""
 
 from pathlib import Path
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -14,7 +15,7 @@ from flax.linen import meta
 
 from moejax.config import ConfigError, base_config, load_config
 from moejax.data import SOURCES, get_tokenizer
-from moejax.generate import generate_text
+from moejax.generate import check_decodable, generate_text
 from moejax.layers.attention.registry import ATTENTION
 from moejax.layers.mlp import MLP, SwiGLU
 from moejax.models.state import STATE_UPDATES
@@ -198,3 +199,24 @@ def test_user_data_source_documents_options_and_training(isolated_registries, de
   assert set(np.asarray(batch["weights"]).ravel()) <= {0.0, 1.0}
   _, metrics = exp.train_step(state, batch)
   assert np.isfinite(float(metrics["loss"]))
+
+
+def test_generation_and_context_parallelism_ask_the_entries(isolated_registries):
+  """A user type without ``decode`` cannot generate; one declaring ``windowed`` gets the halo check."""
+
+  @ATTENTION.register("windowed_no_decode")
+  class WindowedNoDecode(nn.Module):
+    windowed: ClassVar[bool] = True
+    cfg: object
+
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+      return x_BxTxD
+
+  cfg = base_config()
+  cfg.mesh.update(data=1, context=8)  # 256 / 8 = 32 tokens per context shard < window 128
+  validate(cfg, num_devices=8)  # dense layers: no window, no halo
+  cfg.model.attention_types = ("windowed_no_decode",)
+  with pytest.raises(ConfigError, match="model.attention.window=128 exceeds the 32 tokens of one context shard"):
+    validate(cfg, num_devices=8)
+  with pytest.raises(ConfigError, match="attention type 'windowed_no_decode' has no decode method"):
+    check_decodable(cfg.model)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.layers.mlp import MLP, SwiGLU
-from moejax.models.state import STATE_UPDATES
+from moejax.layers.state import STATE_UPDATES
 from moejax.train import Experiment
 from tests.test_train import small_train_cfg
 

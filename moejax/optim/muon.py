@@ -39,7 +39,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from moejax.optim.newton_schulz import newton_schulz, orthogonality_error
-from moejax.optim.registry import OPTIMIZERS, ParamLayout, by_path, layer_name, path_str, weight_decay_mask
+from moejax.optim.registry import OPTIMIZERS, ParamLayout, weight_decay_mask
+from moejax.tree_paths import by_path, flatten, layer_name, path_str
 
 # Logical axes along which a stack holds independent matrices (one per expert).
 BATCH_AXES = ("expert",)
@@ -105,8 +106,7 @@ def classify(path: str, shape: Sequence[int], axes: Sequence[str | None] | None,
 def matrix_specs(params, logical_axes=None, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> dict[str, MatrixSpec | None]:
   """{path: MatrixSpec or None (AdamW)} for every leaf of ``params`` (boxed or not)."""
   axes = by_path(logical_axes)
-  return {path_str(p): classify(path_str(p), leaf.shape, axes.get(path_str(p)), exclude)
-          for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {path: classify(path, leaf.shape, axes.get(path), exclude) for path, leaf in flatten(params).items()}
 
 
 class MuonState(NamedTuple):
@@ -192,7 +192,7 @@ def scale_by_muon(*, logical_axes=None, mesh_axes=None, beta: float = 0.95, nest
     return flat, treedef, specs
 
   def init_fn(params):
-    layers = sorted({layer_name(path_str(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]})
+    layers = sorted({layer_name(path) for path in flatten(params)})
     neuron = None
     if normuon:
       neuron = jax.tree_util.tree_map_with_path(

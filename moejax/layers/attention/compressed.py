@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax.layers.attention import ATTENTION, cache, context_parallel, core, indexer, options
+from moejax.layers.attention import cache, context_parallel, core, indexer, options
+from moejax.layers.attention.registry import ATTENTION
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import Rope, apply_rope
 

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 import flax.linen as nn
 
-from moejax.layers.attention import ATTENTION, cache, context_parallel, core, indexer, options
+from moejax.layers.attention import cache, context_parallel, core, indexer, options
+from moejax.layers.attention.registry import ATTENTION
 from moejax.layers.attention.mla import MLAProjection, MLAttention
 
 

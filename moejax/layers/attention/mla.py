@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.layers.attention import ATTENTION, cache, context_parallel, core, options
+from moejax.layers.attention import cache, context_parallel, core, options
+from moejax.layers.attention.registry import ATTENTION
 from moejax.layers.norms import RMSNorm
 from moejax.layers.rope import apply_rope
 

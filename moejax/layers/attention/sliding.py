@@ -7,8 +7,8 @@ the window, so time and memory are O(T * (window + chunk_size)); mix with
 ``dense`` layers through the schedule, e.g. 5 sliding : 1 dense.
 """
 
-from moejax.layers.attention import ATTENTION
 from moejax.layers.attention.dense import DenseAttention
+from moejax.layers.attention.registry import ATTENTION
 
 
 @ATTENTION.register("sliding")

@@ -43,7 +43,7 @@ from moejax.optim.registry import OPTIMIZERS, ParamLayout, weight_decay_mask
 from moejax.tree_paths import by_path, flatten, layer_name, path_str
 
 # Logical axes along which a stack holds independent matrices (one per expert).
-BATCH_AXES = ("expert",)
+STACK_AXES = ("expert",)
 # A leaf with one of these logical axes goes to AdamW (embeddings, LM head).
 ADAM_AXES = ("vocab",)
 # Path patterns (``re.search`` on "layer_0/mlp/router/w_gate") sent to AdamW:
@@ -94,7 +94,7 @@ def classify(path: str, shape: Sequence[int], axes: Sequence[str | None] | None,
     return MatrixSpec((), (0,), (1,)) if len(shape) == 2 else None
   if any(a in ADAM_AXES for a in axes):
     return None
-  batch = tuple(i for i, a in enumerate(axes) if a in BATCH_AXES)
+  batch = tuple(i for i, a in enumerate(axes) if a in STACK_AXES)
   rest = tuple(i for i in range(len(shape)) if i not in batch)
   if len(rest) < 2:
     return None

@@ -48,3 +48,30 @@ def test_errors_name_the_field_and_the_fix(updates, message):
 def test_prefix_and_source_in_messages():
   with pytest.raises(ConfigError, match=r"^runs/x/config.json: model.vocab_sise is not a config field"):
     apply_config(base_config().model, {"vocab_sise": 3}, prefix="model", source="runs/x/config.json")
+
+
+def _saved_workdir(tmp_path):
+  cfg = base_config()
+  cfg.model.update(num_layers=3, attention_types=("sliding", "dense", "dense"))
+  cfg.distill.domains.code = ml_collections.ConfigDict(dict(weight=2.0, data=dict(source="copy")))
+  (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+  return cfg
+
+
+def test_the_hf_workdir_config_and_a_distill_teacher_read_a_saved_config(tmp_path):
+  from moejax.distill.config import domain, teacher_config
+  from moejax.interop.hf import workdir_config
+
+  saved = _saved_workdir(tmp_path)
+  assert workdir_config(str(tmp_path)).to_dict() == saved.to_dict()
+  student = base_config()
+  student.distill.domains.mine = domain("stdlib", teacher_workdir=str(tmp_path))
+  assert teacher_config(student, "mine").to_dict() == saved.to_dict()
+
+
+def test_a_saved_config_with_an_unknown_field_names_the_file(tmp_path):
+  from moejax.interop.hf import workdir_config
+
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"num_layers": 2, "n_layers": 2}}))
+  with pytest.raises(ConfigError, match=f"^{tmp_path}/config.json: model.n_layers is not a config field"):
+    workdir_config(str(tmp_path))

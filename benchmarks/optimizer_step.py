@@ -19,7 +19,7 @@ import time
 import jax
 
 from moejax.config import load_config
-from moejax.sweep.spec import set_field
+from moejax.config_apply import apply_config
 from moejax.train import Experiment
 
 PRESETS = {
@@ -46,8 +46,7 @@ class Variant:
   def __init__(self, config: str, overrides: dict):
     cfg = load_config(config)
     with cfg.unlocked():
-      for dotted, value in overrides.items():
-        set_field(cfg, dotted, value)
+      apply_config(cfg, overrides)
     self.exp = Experiment(cfg, jax.devices()[:1])
     self.state, data = self.exp.init_state(), self.exp.data_iterator("train")
     self.batch = next(data)

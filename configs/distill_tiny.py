@@ -10,12 +10,14 @@ expert, so the router alone decides what each domain gets) trains on the
 union with ``0.5 * CE + 0.5 * KL(p_teacher || p_student)`` over the full
 vocabulary. The whole recipe runs in minutes on 2 CPU cores.
 
-Variants (comma-separated): ``reverse`` (reverse KL), ``cache`` (teachers
-precomputed into an Orbax cache), ``on_policy`` (the student's own samples,
-reverse KL), ``labels`` (alpha=1: the labels-only control).
+Variants, ``configs/distill_tiny.py:FLAG,FLAG`` (the grammar: moejax/config_variants.py):
+flags ``reverse`` (reverse KL), ``cache`` (teachers precomputed into an Orbax
+cache), ``on_policy`` (the student's own samples, reverse KL), ``labels``
+(alpha=1: the labels-only control), e.g. ``configs/distill_tiny.py:cache,reverse``.
 """
 
 from moejax.config import base_config
+from moejax.config_variants import parse_arg
 from moejax.distill.config import domain
 
 VARIANTS = {
@@ -39,8 +41,8 @@ def get_config(arg: str | None = None):
   c.distill.domains.http = domain("stdlib", stdlib_packages="http,json")
   c.distill.domains.asyncio = domain("stdlib", stdlib_packages="asyncio")
   c.distill.domains.copy = domain("copy", task_length=64)
-  for variant in filter(None, (arg or "").split(",")):
-    if variant not in VARIANTS:
-      raise ValueError(f"configs/distill_tiny.py: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    c.distill.update(VARIANTS[variant])
+  flags = parse_arg(arg, **{name: False for name in VARIANTS})
+  for name, fields in VARIANTS.items():
+    if flags[name]:
+      c.distill.update(fields)
   return c

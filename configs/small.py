@@ -5,13 +5,16 @@
 12 layers, d_model 768, 12 heads (4 kv heads), SwiGLU 2048, a 32k vocabulary
 (bring a tokenizer: --config.data.tokenizer=path/to/tokenizer.model; with the
 default byte tokenizer the unused rows simply stay untrained), bf16 compute,
-FSDP over all devices.
+FSDP over all devices. No variants (``configs/small.py:ARG`` is an error; the
+grammar: moejax/config_variants.py); override fields with ``--config.FIELD=...``.
 """
 
 from moejax.config import base_config
+from moejax.config_variants import parse_arg
 
 
 def get_config(arg: str | None = None):
+  parse_arg(arg)
   c = base_config()
   c.model.update(num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, ffn_dim=2048,
                  vocab_size=32_768, dtype="bfloat16", param_dtype="float32", remat=("dots_no_batch",))

@@ -4,16 +4,19 @@
   moejax train --config configs/tiny_hybrid.py:v4,passkey         # DeepSeek-V4 schedule, passkey task
   moejax train --config configs/tiny_hybrid.py:dsa,warmup,passkey # DSA, indexer warm-up stage
 
-The variant is a comma-separated list: at most one schedule (``sliding``
-(default), ``v4``: 2 x HCA then alternating CSA/HCA, ``mla``, ``dsa``,
-``mixed``: one layer of each sparse type), at most one indexer stage
-(``warmup``, ``sparse``, ``off``) and at most one data source (``stdlib``,
-``passkey``, ``copy``, ``mqar``). Schedules with V4 layers (``v4``, ``mixed``) train
-with Muon. Any field can still be overridden, e.g.
-``--config.model.attention.window=32``. See docs/attention.md.
+The variant (the grammar: moejax/config_variants.py) is a comma-separated
+list of values: at most one ``schedule`` (``sliding`` (default), ``v4``: 2 x HCA
+then alternating CSA/HCA, ``mla``, ``dsa``, ``mixed``: one layer of each sparse
+type), at most one indexer ``stage`` (``sparse`` (default), ``warmup``, ``off``)
+and at most one ``data`` source (``stdlib`` (default), ``passkey``, ``copy``,
+``mqar``); ``schedule=v4,data=passkey`` is the same as ``v4,passkey``.
+Schedules with V4 layers (``v4``, ``mixed``) train with Muon. Any field can
+still be overridden, e.g. ``--config.model.attention.window=32``. See
+docs/attention.md.
 """
 
 from moejax.config import INDEXER_STAGES, base_config
+from moejax.config_variants import one_of, parse_arg
 from moejax.layers.attention.compressed import V4_TYPES
 
 SCHEDULES = {
@@ -27,12 +30,9 @@ DATA = ("stdlib", "passkey", "copy", "mqar")
 
 
 def get_config(arg: str | None = None):
-  tokens = [t for t in (arg or "").split(",") if t]
-  unknown = [t for t in tokens if t not in SCHEDULES and t not in INDEXER_STAGES and t not in DATA]
-  if unknown:
-    raise ValueError(f"configs/tiny_hybrid.py: unknown variant {unknown}; pick from schedules "
-                     f"{sorted(SCHEDULES)}, stages {INDEXER_STAGES}, data {DATA}.")
-  schedule = next((t for t in tokens if t in SCHEDULES), "sliding")
+  a = parse_arg(arg, schedule=one_of(*SCHEDULES), stage=one_of(*INDEXER_STAGES, default="sparse"),
+                data=one_of(*DATA))
+  schedule = a.schedule
   c = base_config()
   c.model.update(num_layers=6, d_model=128, num_heads=4, num_kv_heads=2, ffn_dim=384,
                  attention_types=SCHEDULES[schedule])
@@ -45,9 +45,7 @@ def get_config(arg: str | None = None):
       rope_dim=16 if schedule in ("v4", "mixed") else 0,
       rope_layout="interleave" if schedule in ("v4", "mla", "dsa", "mixed") else "half",
       csa_ratio=4, hca_ratio=32, o_groups=2, o_lora_rank=64, compress_rope_theta=160_000.0)
-  for t in tokens:
-    if t in INDEXER_STAGES:
-      c.model.attention.indexer_stage = t
+  c.model.attention.indexer_stage = a.stage
   c.data.seq_len = 512
   c.train.update(steps=300, batch_size=8, log_every=10, eval_every=100, checkpoint_every=100)
   c.optim.update(learning_rate=3e-3, warmup_steps=30)
@@ -55,8 +53,7 @@ def get_config(arg: str | None = None):
     # V4 layers (unscaled q-norm, one normalised K=V vector) stall under AdamW at this
     # rate at these widths; Muon trains their windows (docs/attention.md, experiments/long_context).
     c.optim.name = "muon"
-  source = next((t for t in tokens if t in DATA), "stdlib")
-  c.data.source = source
-  if source != "stdlib":
+  c.data.source = a.data
+  if a.data != "stdlib":
     c.data.task_length = c.data.seq_len
   return c

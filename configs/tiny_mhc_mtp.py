@@ -3,8 +3,9 @@ hyper-connections (4 residual streams) and one multi-token-prediction module.
 
   moejax train --config configs/tiny_mhc_mtp.py --workdir workdirs/tiny_mhc_mtp
 
-Everything else is ``configs/tiny.py`` (the optional ``:ARG`` picks the data
-source the same way, e.g. ``configs/tiny_mhc_mtp.py:copy``). metrics.jsonl gets
+Everything else is ``configs/tiny.py``, variants included: ``:ARG`` goes to
+tiny.py's ``get_config`` (the same grammar, moejax/config_variants.py), e.g.
+``configs/tiny_mhc_mtp.py:copy``. metrics.jsonl gets
 ``mtp_loss_1`` next to ``loss`` (the main next-token loss) and, at eval
 steps, ``eval_mtp_loss_1``.
 """

@@ -8,7 +8,8 @@ run 5 x 64 = 320 hidden units, the dense FFN of configs/tiny.py 384.
 DeepSeek-V3 routing: sigmoid scores, the auxiliary-loss-free balancing bias,
 group-limited selection (4 groups, top 2), renormalised weights.
 
-The argument picks another router recipe (same shapes):
+The variant picks another router recipe (same shapes; ``recipe=v4`` is the same
+as ``v4``; the grammar: moejax/config_variants.py):
 
   configs/tiny_moe.py:v3            the default above
   configs/tiny_moe.py:v4            DeepSeek-V4: hash routing in layer 1, sqrtsoftplus, swiglu clamp 10
@@ -19,13 +20,12 @@ The argument picks another router recipe (same shapes):
 """
 
 from moejax.config import base_config
+from moejax.config_variants import one_of, parse_arg
 from moejax.layers.routers import ROUTER_RECIPES
 
 
 def get_config(arg: str | None = None):
-  recipe = arg or "v3"
-  if recipe not in ROUTER_RECIPES:
-    raise ValueError(f"configs/tiny_moe.py: unknown recipe {recipe!r}; known: {', '.join(ROUTER_RECIPES)}")
+  recipe = parse_arg(arg, recipe=one_of(*ROUTER_RECIPES, default="v3")).recipe
   c = base_config()
   c.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, ffn_dim=384,
                  mlp_types=("dense", "hash_moe" if recipe == "v4" else "moe", "moe", "moe"))

@@ -2,6 +2,9 @@
 
   moejax train --config configs/v4_1m.py --config.train.steps=2 --workdir /tmp/v4_1m
   moejax train --config configs/v4_1m.py:t=262144             # any other length (a power of two)
+
+The variant ``t=<tokens>`` sets the sequence length (default 1048576; the
+grammar: moejax/config_variants.py).
   python benchmarks/long_context.py                           # peak memory, time, largest T per schedule
 
 Hybrid attention (DeepSeek-V4 report §2.3) — a sliding-window layer, CSA
@@ -18,13 +21,11 @@ files as bytes, packed into one 1M-token row (document-masked attention).
 """
 
 from moejax.config import base_config
+from moejax.config_variants import parse_arg
 
 
 def get_config(arg: str | None = None):
-  options = dict(kv.split("=") for kv in (arg or "").split(",") if kv)
-  seq_len = int(options.pop("t", 1 << 20))
-  if options:
-    raise ValueError(f"configs/v4_1m.py: unknown options {sorted(options)}; the only one is t=<sequence length>.")
+  seq_len = parse_arg(arg, t=1 << 20).t
   c = base_config()
   c.model.update(num_layers=4, d_model=64, num_heads=2, num_kv_heads=1, head_dim=32, ffn_dim=128,
                  attention_types=("swa", "csa", "hca", "csa"), mlp_types=("hash_moe", "moe", "moe", "moe"),

@@ -16,21 +16,21 @@
 - one MTP module (an SWA block) predicting the token after next;
 - optimizer: Muon (AdamW for embeddings, head, norms, routers).
 
-The argument picks the data: ``passkey`` (default: find a 5-digit key in
+The variant picks the data (``data=copy`` is the same as ``copy``; the grammar:
+moejax/config_variants.py): ``passkey`` (default: find a 5-digit key in
 filler text), ``mqar``, ``copy`` or ``stdlib``. Shapes are overridable as
 usual, e.g. ``--config.model.hc.streams=1`` for the plain residual.
 """
 
 from moejax.config import base_config
+from moejax.config_variants import one_of, parse_arg
 from moejax.layers.routers import ROUTER_RECIPES
 
 DATA = ("passkey", "mqar", "copy", "stdlib")
 
 
 def get_config(arg: str | None = None):
-  source = arg or "passkey"
-  if source not in DATA:
-    raise ValueError(f"configs/v4_tiny.py: unknown data {source!r}; pick one of {DATA}.")
+  source = parse_arg(arg, data=one_of(*DATA)).data
   c = base_config()
   c.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=1, ffn_dim=384,
                  attention_types=("hca", "hca", "csa", "hca"),

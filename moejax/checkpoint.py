@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from moejax.tree_paths import flatten
+
 log = logging.getLogger(__name__)
 
 SET_ASIDE = "checkpoints_set_aside"
@@ -172,14 +174,7 @@ class CheckpointMismatchError(ValueError):
 
 def leaf_paths(tree) -> set[str]:
   """Leaf paths as "a/b/0/c", the same for a state object and its saved form."""
-
-  def name(key) -> str:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        return str(getattr(key, attr))
-    return str(key)
-
-  return {"/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return set(flatten(tree, fields=True))
 
 
 def abstract_like(tree, shardings):

@@ -19,11 +19,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import MESH_AXES, mesh_shape
 
+# The mesh axes that split the batch (outside MoE layers the expert axis is one
+# more data axis); context parallelism and MoE dispatch use the same tuple.
+BATCH_AXES = ("data", "fsdp", "expert")
+
 # Logical name -> mesh axis (or axes). Parameter names shard over fsdp/tensor/
 # expert; activation names (act_*) over data/fsdp/expert for the batch,
 # context for the sequence and tensor for heads/ffn/vocab.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("act_batch", ("data", "fsdp", "expert")),
+    ("act_batch", BATCH_AXES),
     ("act_length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -43,8 +47,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert", "expert"),
     ("norm", None),
 )
-
-BATCH_AXES = ("data", "fsdp", "expert")  # outside MoE layers the expert axis is one more data axis
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -18,7 +18,7 @@ from moejax.data import SOURCES, get_tokenizer
 from moejax.generate import check_decodable, generate_text
 from moejax.layers.attention.registry import ATTENTION
 from moejax.layers.mlp import MLP, SwiGLU
-from moejax.models.state import STATE_UPDATES
+from moejax.layers.state import STATE_UPDATES
 from moejax.optim import OPTIMIZERS, build_optimizer
 from moejax.train import Experiment, load_checkpoint, train
 from moejax.validation import validate

@@ -22,6 +22,7 @@ import os
 import ml_collections
 
 from moejax.config import base_config, distill_config, load_config
+from moejax.config_apply import apply_config
 from moejax.data import SOURCES
 
 KL_DIRECTIONS = ("forward", "reverse")   # forward: KL(p_teacher || p_student); reverse: KL(p_student || p_teacher)
@@ -128,13 +129,7 @@ def teacher_config(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.
   if d.teacher_workdir:
     with open(os.path.join(d.teacher_workdir, "config.json")) as f:
       saved = json.load(f)
-    out = base_config()
-    for section, fields in saved.items():
-      if isinstance(fields, dict) and section in out:
-        _update_existing(out[section], fields)
-      elif section in out:
-        out[section] = fields
-    return out
+    return apply_config(base_config(), saved, source=os.path.join(d.teacher_workdir, "config.json"))
   spec = d.teacher_config or cfg.distill.teacher_config
   out = copy.deepcopy(load_config(spec)) if spec else copy.deepcopy(cfg)
   out.unlock()
@@ -148,13 +143,3 @@ def teacher_config(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.
   out.distill = distill_config()
   return out
 
-
-def _update_existing(node: ml_collections.ConfigDict, fields: dict) -> None:
-  """Copies saved JSON fields onto a schema node (lists back to tuples where the schema has tuples)."""
-  for k, v in fields.items():
-    if k not in node:
-      continue
-    if isinstance(node[k], ml_collections.ConfigDict) and isinstance(v, dict):
-      _update_existing(node[k], v)
-    else:
-      node[k] = tuple(v) if isinstance(node[k], tuple) and isinstance(v, list) else v

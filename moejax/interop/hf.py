@@ -33,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from moejax import config as config_lib
+from moejax.config_apply import apply_config
 from moejax.validation import validate
 from moejax.interop.archs import ARCHS, HFFields
 from moejax.layers import DTYPES
@@ -55,17 +56,6 @@ def _arch(model_type: str):
   return ARCHS.get(model_type)()
 
 
-def _assign(section: ml_collections.ConfigDict, updates: dict, where: str) -> None:
-  """Recursive update that keeps the schema (lists become tuples where the field is a tuple)."""
-  for key, value in updates.items():
-    if key not in section:
-      raise config_lib.ConfigError(f"{where}.{key} is not a moejax config field.")
-    if isinstance(section[key], ml_collections.ConfigDict):
-      _assign(section[key], value, f"{where}.{key}")
-    else:
-      section[key] = tuple(value) if isinstance(section[key], tuple) else value
-
-
 def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
   """A full moejax config (``base_config()`` with ``model`` from an HF ``config.json`` dict).
 
@@ -74,7 +64,7 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
   arch = _arch(hf_config.get("model_type", "<missing>"))
   fields = HFFields(hf_config)
   cfg = config_lib.base_config()
-  _assign(cfg.model, arch.model_config(fields), "model")
+  apply_config(cfg.model, arch.model_config(fields), "model")
   fields.finish(arch.ignored)
   return cfg
 
@@ -294,7 +284,7 @@ def workdir_config(workdir: str) -> ml_collections.ConfigDict:
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   cfg = config_lib.base_config()
-  _assign(cfg, saved, "config")
+  apply_config(cfg, saved, source=os.path.join(workdir, "config.json"))
   return cfg
 
 

@@ -16,4 +16,6 @@ activations use the same names prefixed ``act_`` plus ``act_batch`` and
 
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from moejax import config
+
+DTYPES = {name: getattr(jnp, name) for name in config.DTYPES}  # model.dtype / param_dtype name -> jnp type

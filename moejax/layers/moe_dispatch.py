@@ -51,11 +51,11 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.layers.mlp import swiglu
 from moejax.registry import Registry
+from moejax.sharding import BATCH_AXES  # mesh axes that split the batch
 
 # Dropless ``einsum`` capacities, as multiples of the mean load N * top_k / E
 # (rounded up to 8 rows); the number of tokens N always closes the ladder.
 DROPLESS_LADDER = (1.0, 1.125, 1.25, 1.375, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 16.0)
-TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes that split the batch
 
 
 class ExpertWeights(NamedTuple):
@@ -342,8 +342,8 @@ def dispatch(x_BxTxD, expert_BxTxK, weight_BxTxK, w: ExpertWeights, spec: Dispat
                                 ep_size)
     return y_NxD.reshape(b, t, d), dropped
 
-  size = {a: mesh.shape.get(a, 1) for a in (*TOKEN_AXES, "context")} if not mesh.empty else {}
-  token_axes = tuple(a for a in TOKEN_AXES if size.get(a, 1) > 1)
+  size = {a: mesh.shape.get(a, 1) for a in (*BATCH_AXES, "context")} if not mesh.empty else {}
+  token_axes = tuple(a for a in BATCH_AXES if size.get(a, 1) > 1)
   context = "context" if size.get("context", 1) > 1 else None
   b, t, _ = x_BxTxD.shape
   if not (token_axes or context) or b % math.prod(size[a] for a in token_axes) or t % size.get("context", 1):

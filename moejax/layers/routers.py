@@ -46,6 +46,7 @@ import ml_collections
 from flax import traverse_util
 
 from moejax.layers.moe_dispatch import capacity
+from moejax.layers.state import STATE_UPDATES
 from moejax.registry import Registry
 
 # Capabilities (class attributes): supports_bias (model.moe.score_bias), supports_groups
@@ -74,7 +75,7 @@ class RouterAux(NamedTuple):
   probs_NxE: jax.Array   # per-token distribution over experts (balance losses, entropy)
 
 
-SCORES = {
+SCORE_FUNCTIONS = {  # model.moe.score (one of config.SCORES) -> scores_NxE from logits_NxE
     "softmax": lambda logits: jax.nn.softmax(logits, axis=-1),
     "sigmoid": jax.nn.sigmoid,
     "sqrtsoftplus": lambda logits: jnp.sqrt(jax.nn.softplus(logits)),  # DeepSeek-V4
@@ -139,7 +140,7 @@ class TopKRouter(nn.Module):
     del token_ids_N
     moe = self.cfg.moe
     logits_NxE = gate_logits(self, x_NxD)
-    scores_NxE = SCORES[moe.score](logits_NxE)
+    scores_NxE = SCORE_FUNCTIONS[moe.score](logits_NxE)
     sel_NxE = scores_NxE
     if moe.score_bias:
       sel_NxE = sel_NxE + selection_bias(self, moe.num_experts)
@@ -172,7 +173,7 @@ class HashRouter(nn.Module):
     table = self.variable(HASH_COLLECTION, "tid2eid", lambda: random_hash_table(
         self.make_rng("params"), cfg.vocab_size, moe.num_experts, moe.top_k))
     logits_NxE = gate_logits(self, x_NxD)
-    scores_NxE = SCORES[moe.score](logits_NxE)
+    scores_NxE = SCORE_FUNCTIONS[moe.score](logits_NxE)
     expert_NxK = jnp.take(table.value, token_ids_N, axis=0)
     return (expert_NxK, combine_weights(scores_NxE, expert_NxK, moe),
             RouterAux(logits_NxE, probs_from_scores(scores_NxE, moe.score)))
@@ -195,7 +196,7 @@ class ExpertChoiceRouter(nn.Module):
     moe = self.cfg.moe
     n, e = x_NxD.shape[0], moe.num_experts
     logits_NxE = gate_logits(self, x_NxD)
-    scores_NxE = SCORES[moe.score](logits_NxE)
+    scores_NxE = SCORE_FUNCTIONS[moe.score](logits_NxE)
     cap = capacity(n, moe.top_k, e, moe.capacity_factor)
     token_ExC = jax.lax.top_k(scores_NxE.T, cap)[1]
     chosen_NxE = jnp.zeros((e, n), bool).at[jnp.arange(e)[:, None], token_ExC].set(True).T
@@ -216,8 +217,5 @@ def update_router_bias(tree, stats, model_cfg):
     new[path] = bias_E if load_E is None else bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
   return traverse_util.unflatten_dict(new)
 
-
-# Imported last: moejax.models imports the model, which imports this module.
-from moejax.models.state import STATE_UPDATES  # noqa: E402
 
 STATE_UPDATES.register(BIAS_COLLECTION)(update_router_bias)

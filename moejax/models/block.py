@@ -18,11 +18,12 @@ from moejax.layers.hyper import HyperConnection, mix_streams
 from moejax.layers.mlp import MLP
 from moejax.layers.norms import RMSNorm
 
-# ``model.remat`` (one name, or one per layer). Every policy keeps the block's
+# ``model.remat`` (one name of config.REMAT_POLICIES, or one per layer; "none"
+# is no remat) -> its jax.checkpoint policy. Every policy keeps the block's
 # input (the argument of the rematerialised function); "full" keeps nothing
 # else, "dots*" keep matmul outputs, "offload_dots" moves the batch-free matmul
 # outputs to host memory ("pinned_host") and back for the backward pass.
-REMAT_POLICIES = {
+CHECKPOINT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -86,4 +87,4 @@ def block_class(remat: str) -> type[nn.Module]:
   if remat == "none":
     return Block
   # decode_len (argument 5, self being 0) is a Python int: static under remat.
-  return nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=True, static_argnums=(5,))
+  return nn.remat(Block, policy=CHECKPOINT_POLICIES[remat], prevent_cse=True, static_argnums=(5,))

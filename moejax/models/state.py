@@ -1,23 +1,5 @@
-"""Non-trainable model state, updated outside the gradient after each step.
+"""Moved to :mod:`moejax.layers.state` (layers register their state updates
+there without importing the models); this name stays for moejax/train.py
+until its split (arch-train) imports the new home."""
 
-A layer that keeps such state (e.g. the auxiliary-loss-free router bias of
-DeepSeek-V3) stores it in its own variable collection and sows the per-step
-statistics its update needs into the ``stats`` collection (at the same module
-path). After the optimizer update, the trainer calls, for each collection
-with a registered update::
-
-    new_tree = STATE_UPDATES.get(collection)(tree, stats, model_cfg)
-
-where ``stats`` are summed over micro-batches. Collections without an entry
-are left unchanged.
-"""
-
-from moejax.registry import Registry
-
-STATE_UPDATES = Registry("model-state update")
-
-
-def update_model_state(model_state: dict, stats: dict, model_cfg) -> dict:
-  """Applies the registered update of every collection in ``model_state``."""
-  return {name: STATE_UPDATES.get(name)(tree, stats, model_cfg) if name in STATE_UPDATES else tree
-          for name, tree in model_state.items()}
+from moejax.layers.state import STATE_UPDATES, update_model_state  # noqa: F401

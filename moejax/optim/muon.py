@@ -40,10 +40,11 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.config import MUON_EXCLUDE, muon_config
 from moejax.optim.newton_schulz import COEFFICIENTS, newton_schulz, orthogonality_error
-from moejax.optim.registry import OPTIMIZERS, ParamLayout, by_path, layer_name, path_str, weight_decay_mask
+from moejax.optim.registry import OPTIMIZERS, ParamLayout, weight_decay_mask
+from moejax.tree_paths import by_path, flatten, layer_name, path_str
 
 # Logical axes along which a stack holds independent matrices (one per expert).
-BATCH_AXES = ("expert",)
+STACK_AXES = ("expert",)
 # A leaf with one of these logical axes goes to AdamW (embeddings, LM head).
 ADAM_AXES = ("vocab",)
 # Path patterns (``re.search`` on "layer_0/mlp/router/w_gate") sent to AdamW (the
@@ -93,7 +94,7 @@ def classify(path: str, shape: Sequence[int], axes: Sequence[str | None] | None,
     return MatrixSpec((), (0,), (1,)) if len(shape) == 2 else None
   if any(a in ADAM_AXES for a in axes):
     return None
-  batch = tuple(i for i, a in enumerate(axes) if a in BATCH_AXES)
+  batch = tuple(i for i, a in enumerate(axes) if a in STACK_AXES)
   rest = tuple(i for i in range(len(shape)) if i not in batch)
   if len(rest) < 2:
     return None
@@ -105,8 +106,7 @@ def classify(path: str, shape: Sequence[int], axes: Sequence[str | None] | None,
 def matrix_specs(params, logical_axes=None, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> dict[str, MatrixSpec | None]:
   """{path: MatrixSpec or None (AdamW)} for every leaf of ``params`` (boxed or not)."""
   axes = by_path(logical_axes)
-  return {path_str(p): classify(path_str(p), leaf.shape, axes.get(path_str(p)), exclude)
-          for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {path: classify(path, leaf.shape, axes.get(path), exclude) for path, leaf in flatten(params).items()}
 
 
 class MuonState(NamedTuple):
@@ -192,7 +192,7 @@ def scale_by_muon(*, logical_axes=None, mesh_axes=None, beta: float = 0.95, nest
     return flat, treedef, specs
 
   def init_fn(params):
-    layers = sorted({layer_name(path_str(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]})
+    layers = sorted({layer_name(path) for path in flatten(params)})
     neuron = None
     if normuon:
       neuron = jax.tree_util.tree_map_with_path(

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moejax.optim.registry import by_path, path_str
+from moejax.tree_paths import by_path, flatten, path_str
 
 
 def clip_factors(max_logit_H: jax.Array, tau: float, num_kv_heads: int) -> tuple[jax.Array, jax.Array]:
@@ -63,7 +63,7 @@ def qk_clip(tau: float, logical_axes=None, params: Sequence[str] = ("w_q", "w_k"
       return updates, state
     if params is None:
       raise ValueError("qk_clip needs params in update()")
-    shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    shapes = {path: x.shape for path, x in flatten(params).items()}
     factors = {}
     for module, max_H in max_logits.items():
       q_path, k_path = f"{module}/{query_name}", f"{module}/{key_name}"

@@ -14,7 +14,9 @@ import jax
 import ml_collections
 import optax
 
+from moejax.optim.qk_clip import qk_clip
 from moejax.registry import Registry
+from moejax.tree_paths import by_path, layer_name, path_str  # noqa: F401  (moejax/train.py's import, until arch-train)
 
 # Capabilities (``register`` keywords): ``section``, the name of the optimizer's own options
 # ``optim.<section>``; ``defaults() -> ConfigDict``, that section's fields and defaults;
@@ -29,33 +31,6 @@ class ParamLayout(NamedTuple):
 
   logical_axes: Any  # e.g. nn.get_partition_spec(boxed_params): P('embed', 'heads', 'head_dim')
   mesh_axes: Any     # the parameters' mesh PartitionSpecs, e.g. P('fsdp', 'tensor', None)
-
-
-def path_str(path) -> str:
-  """'layer_0/attention/w_q' from a key path (box and NamedTuple fields skipped)."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-  return "/".join(parts)
-
-
-def by_path(tree) -> dict[str, Any]:
-  """{path: leaf} of a tree whose leaves are tuples (axis names, PartitionSpecs) or None.
-
-  A flat dict keyed by path ("layer_0/mlp/w_up") gives the same table.
-  """
-  if tree is None:
-    return {}
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or isinstance(x, tuple))[0]
-  return {path_str(p): leaf for p, leaf in flat}
-
-
-def layer_name(path: str) -> str:
-  """Diagnostics are per top-level module: 'layer_3/mlp/w_up' -> 'layer_3'."""
-  return path.split("/")[0]
 
 
 def weight_decay_mask(params):
@@ -147,8 +122,6 @@ def build_optimizer(o: ml_collections.ConfigDict, total_steps: int, layout: Para
   transformation accepts the extra ``update`` arguments ``max_logits``
   (QK-clip) and ``obj_fn`` (Sophia); others ignore them.
   """
-  from moejax.optim.qk_clip import qk_clip
-
   o = ml_collections.ConfigDict(o.to_dict())
   o.warmup_steps = min(o.warmup_steps, total_steps)
   schedule = SCHEDULES.get(o.schedule)(o, total_steps)

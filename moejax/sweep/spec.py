@@ -32,6 +32,7 @@ from typing import Any
 import ml_collections
 
 from moejax import config as config_lib
+from moejax.config_apply import apply_config
 from moejax.validation import validate
 
 
@@ -117,35 +118,11 @@ def check_sweep(sweep: Sweep) -> None:
     raise config_lib.ConfigError("invalid sweep:\n  - " + "\n  - ".join(e))
 
 
-def set_field(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
-  """``cfg.a.b = value`` for ``dotted="a.b"``; tuples may be given as lists."""
-  *sections, name = dotted.split(".")
-  node = cfg
-  for section in sections:
-    if section not in node or not isinstance(node[section], ml_collections.ConfigDict):
-      raise KeyError(section)
-    node = node[section]
-  if name not in node:
-    raise KeyError(name)
-  if isinstance(node[name], tuple) and isinstance(value, list):
-    value = tuple(value)
-  if isinstance(node[name], float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  node[name] = value
-
-
 def run_config(base: ml_collections.ConfigDict, overrides: dict[str, Any], run_name: str) -> ml_collections.ConfigDict:
   """A copy of ``base`` with the run's overrides, validated."""
   cfg = ml_collections.ConfigDict(base.to_dict())
-  for dotted, value in overrides.items():
-    try:
-      set_field(cfg, dotted, value)
-    except KeyError:
-      raise config_lib.ConfigError(f"run {run_name}: {dotted!r} is not a config field "
-                                   "(see moejax/config.py for all fields).") from None
-    except TypeError as err:
-      raise config_lib.ConfigError(f"run {run_name}: {dotted}={value!r} has the wrong type: {err}") from None
   try:
+    apply_config(cfg, overrides)
     validate(cfg)
   except config_lib.ConfigError as err:
     raise config_lib.ConfigError(f"run {run_name}: {err}") from None

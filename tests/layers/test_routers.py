@@ -9,7 +9,7 @@ import pytest
 
 from moejax.layers.moe_dispatch import capacity
 from moejax.layers.routers import ROUTERS, update_router_bias
-from moejax.models.state import update_model_state
+from moejax.layers.state import update_model_state
 from moejax.registry import Registry
 from tests.layers.test_moe import D, E, moe_cfg
 from tests.layers.moe_reference import np_route

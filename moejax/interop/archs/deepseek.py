@@ -16,7 +16,8 @@ import re
 
 from moejax.config import expand_schedule
 from moejax.interop import layout
-from moejax.interop.archs import ARCHS, Arch, HFFields, common_hf, common_model, read_rope, unsupported, write_rope
+from moejax.interop.archs.registry import (ARCHS, Arch, HFFields, common_hf, common_model, read_rope, unsupported,
+                                           write_rope)
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 

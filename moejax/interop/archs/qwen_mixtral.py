@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from moejax.config import expand_schedule
 from moejax.interop import layout
-from moejax.interop.archs import ARCHS, Arch, HFFields, common_hf, common_model, read_rope, unsupported, write_rope
+from moejax.interop.archs.registry import (ARCHS, Arch, HFFields, common_hf, common_model, read_rope, unsupported,
+                                           write_rope)
 
 
 def _attention_types(m) -> tuple[str, ...]:

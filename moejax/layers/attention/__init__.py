@@ -1,4 +1,4 @@
-"""Attention types and the ``ATTENTION`` registry (``model.attention_types``).
+"""Attention types and the ``ATTENTION`` registry (``registry.py``; ``model.attention_types``).
 
 Every attention type is a Linen module constructed as ``cls(cfg=model_cfg)``
 and called as ``attn(x_BxTxD, positions_BxT, segment_ids_BxT) -> y_BxTxD``.
@@ -20,6 +20,6 @@ in ``model.attention`` (see docs/attention.md):
 from moejax.layers.attention.registry import ATTENTION
 
 # Importing a module registers the types it defines.
-from moejax.layers.attention import compressed, dense, dsa, mla, sliding  # noqa: E402,F401
+from moejax.layers.attention import compressed, dense, dsa, mla, sliding  # noqa: F401
 
 __all__ = ["ATTENTION"]

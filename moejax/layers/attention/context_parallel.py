@@ -41,9 +41,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax.layers.attention import core
+from moejax.sharding import BATCH_AXES
 
 AXIS = "context"
-BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def context_size(seq_len: int | None = None) -> int:

@@ -20,6 +20,8 @@ QK-clip read those declarations, never type names:
   validate_config ``(cfg) -> list[str]``: checks of the type's own fields
 
 ``moejax/layers/attention/checks.py`` holds the checks shared by all types.
+The registry has its own module so that attention modules register
+themselves without importing the package that imports them.
 """
 
 from moejax.registry import Registry

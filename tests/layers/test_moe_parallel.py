@@ -106,7 +106,7 @@ def get_config():
   with cfg.unlocked():
     cfg.mesh.update(data=2, expert=4)
   monkeypatch.setattr(ExpertCollapseWatch, "THRESHOLD", 2.0)  # every expert counts as collapsed
-  with caplog.at_level(logging.WARNING, logger="moejax.train"):
+  with caplog.at_level(logging.WARNING, logger="moejax.hooks"):
     sharded = train(cfg, str(tmp_path / "run"), devices)
 
   records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

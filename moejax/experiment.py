@@ -135,7 +135,7 @@ class Experiment:
     sums = self.eval_sums(state, (next(it) for _ in range(num_batches)))
     weight = max(float(sums["weight_sum"]), 1.0)
     loss = float(sums["loss_sum"]) / weight
-    mtp_loss_K = sums["mtp_loss_sum"] / np.maximum(sums["mtp_weight_sum"], 1.0)
+    mtp_loss_L = sums["mtp_loss_sum"] / np.maximum(sums["mtp_weight_sum"], 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(loss)),
             "eval_accuracy": float(sums["correct_sum"]) / weight, "eval_tokens": float(sums["weight_sum"]),
-            **{f"eval_mtp_loss_{k + 1}": float(v) for k, v in enumerate(mtp_loss_K)}}
+            **{f"eval_mtp_loss_{k + 1}": float(v) for k, v in enumerate(mtp_loss_L)}}

@@ -37,26 +37,26 @@ class Forward(NamedTuple):
 
   ce_BxT: jax.Array       # float32 cross-entropy of each target
   correct_BxT: jax.Array  # float32 1.0 where the argmax is the target
-  mtp_ce_BxKxT: jax.Array       # float32 cross-entropy of each MTP depth's target (K = model.mtp.depth)
-  mtp_weights_BxKxT: jax.Array  # their weights (0 past the row / across documents; see models/mtp.py)
+  mtp_ce_BxLxT: jax.Array       # float32 cross-entropy of each MTP depth's target (L = model.mtp.depth)
+  mtp_weights_BxLxT: jax.Array  # their weights (0 past the row / across documents; see models/mtp.py)
   aux_loss: jax.Array     # sum of the sown auxiliary losses
   stats: dict             # for model-state updates (see moejax/models/state.py)
   metrics: dict           # scalars to log, named by module path
   max_logits: dict        # {"layer_0/attention": float32 [H]} per-head max attention logit
   hidden: Hidden          # final normed hidden states and output matrix (for distillation)
-  experts: dict           # {"layer_1/mlp": int32 [B, T, K]} routed experts (only with capture_experts)
+  experts: dict           # {"layer_1/mlp": int32 [B, T, A]} routed experts (only with capture_experts)
 
 
 def with_mtp_targets(batch: Batch, depth: int) -> Batch:
-  """``batch`` plus its MTP targets and weights ``[B, K, T]`` (K = ``depth``; see ``mtp_targets``).
+  """``batch`` plus its MTP targets and weights ``[B, L, T]`` (L = ``depth``; see ``mtp_targets``).
 
   The train step adds them once for the whole batch; micro-batches split them
   with the other rows. A batch that already has them is returned as it is.
   """
   if MTP_TARGETS in batch:
     return batch
-  y_BxKxT, w_BxKxT = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"], depth)
-  return {**batch, MTP_TARGETS: y_BxKxT, MTP_WEIGHTS: w_BxKxT}
+  y_BxLxT, w_BxLxT = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"], depth)
+  return {**batch, MTP_TARGETS: y_BxLxT, MTP_WEIGHTS: w_BxLxT}
 
 
 def forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int,
@@ -72,18 +72,18 @@ def forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int
       return_hidden=True, mutable=list(SOWN), capture_intermediates=capture)
   ce_BxT, correct_BxT = chunked_token_stats(hidden.x_BxTxD, hidden.head_DxV, batch["targets"], loss_chunk)
   batch = with_mtp_targets(batch, len(hidden.mtp))
-  mtp_y_BxKxT, mtp_w_BxKxT = batch[MTP_TARGETS], batch[MTP_WEIGHTS]
-  mtp_ce = [chunked_token_stats(h_BxTxD, hidden.head_DxV, mtp_y_BxKxT[:, k], loss_chunk)[0]
+  mtp_y_BxLxT, mtp_w_BxLxT = batch[MTP_TARGETS], batch[MTP_WEIGHTS]
+  mtp_ce = [chunked_token_stats(h_BxTxD, hidden.head_DxV, mtp_y_BxLxT[:, k], loss_chunk)[0]
             for k, h_BxTxD in enumerate(hidden.mtp)]
-  mtp_ce_BxKxT = jnp.stack(mtp_ce, axis=1) if mtp_ce else jnp.zeros_like(mtp_w_BxKxT)
+  mtp_ce_BxLxT = jnp.stack(mtp_ce, axis=1) if mtp_ce else jnp.zeros_like(mtp_w_BxLxT)
   aux = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("aux_loss", {}))), jnp.zeros((), jnp.float32))
-  return Forward(ce_BxT, correct_BxT, mtp_ce_BxKxT, mtp_w_BxKxT, aux, dict(sown.get("stats", {})),
+  return Forward(ce_BxT, correct_BxT, mtp_ce_BxLxT, mtp_w_BxLxT, aux, dict(sown.get("stats", {})),
                  _flat_metrics(sown.get("metrics", {})), _module_maxima(sown.get("max_stats", {})), hidden,
                  _routed_experts(sown.get("intermediates", {}), batch["inputs"].shape))
 
 
 def _routed_experts(tree, shape_BxT) -> dict[str, jax.Array]:
-  """{"layer_1/mlp": expert_BxTxK} from captured router outputs ``(expert_NxK, weight_NxK, aux)``."""
+  """{"layer_1/mlp": expert_BxTxA} from captured router outputs ``(expert_NxA, weight_NxA, aux)``."""
   experts = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))[0]:
     module = path_str(path).split("/router/", 1)[0]
@@ -138,21 +138,21 @@ class Normalizers(NamedTuple):
   """Token weights of the whole batch: each micro-batch's sums are divided by them."""
 
   total_weight: jax.Array         # scalar, >= 1
-  mtp_total_weight_K: jax.Array   # [K] per MTP depth, >= 1
+  mtp_total_weight_L: jax.Array   # [L] per MTP depth, >= 1
 
 
 class Losses(NamedTuple):
-  """The batch objective's parts (scalars; ``mtp_loss_K`` per MTP depth)."""
+  """The batch objective's parts (scalars; ``mtp_loss_L`` per MTP depth)."""
 
   ce: jax.Array
   aux: jax.Array
-  mtp_loss_K: jax.Array
+  mtp_loss_L: jax.Array
   extra_metrics: dict
   total: jax.Array
 
 
 class Objective:
-  """``ce_weight * CE + aux + loss_weight / K * sum_k MTP_k + extra``, each a weighted mean over the
+  """``ce_weight * CE + aux + loss_weight / L * sum_k MTP_k + extra``, each a weighted mean over the
   *whole* batch, so that summing :meth:`micro_loss` over micro-batches gives the one-batch objective.
 
   ``micro_loss`` returns ``(objective, (sums, max_logits))``: ``sums`` are added
@@ -173,20 +173,20 @@ class Objective:
 
   def micro_loss(self, out: Forward, micro: Batch, norm: Normalizers, extra_inputs):
     ce_sum = jnp.sum(out.ce_BxT * micro["weights"].astype(jnp.float32))
-    mtp_sum_K = jnp.sum(out.mtp_ce_BxKxT * out.mtp_weights_BxKxT, axis=(0, 2))
-    mtp_term = self.mtp_weight / max(self.depth, 1) * jnp.sum(mtp_sum_K / norm.mtp_total_weight_K)
+    mtp_sum_L = jnp.sum(out.mtp_ce_BxLxT * out.mtp_weights_BxLxT, axis=(0, 2))
+    mtp_term = self.mtp_weight / max(self.depth, 1) * jnp.sum(mtp_sum_L / norm.mtp_total_weight_L)
     extra_term, extra_sums = (jnp.zeros((), jnp.float32), {}) if self.extra is None else (
         self.extra.term(extra_inputs, micro, out, norm.total_weight))
     objective = (self.ce_weight * ce_sum / norm.total_weight + out.aux_loss / self.grad_accum_steps + mtp_term
                  + extra_term)
-    return objective, ((ce_sum, mtp_sum_K, out.aux_loss, out.stats, out.metrics, extra_sums), out.max_logits)
+    return objective, ((ce_sum, mtp_sum_L, out.aux_loss, out.stats, out.metrics, extra_sums), out.max_logits)
 
-  def losses(self, ce_sum, mtp_sum_K, aux_sum, extra_sums, norm: Normalizers) -> Losses:
+  def losses(self, ce_sum, mtp_sum_L, aux_sum, extra_sums, norm: Normalizers) -> Losses:
     """The batch's losses from the micro-batch sums."""
     ce = ce_sum / norm.total_weight
     aux = aux_sum / self.grad_accum_steps
-    mtp_loss_K = mtp_sum_K / norm.mtp_total_weight_K
+    mtp_loss_L = mtp_sum_L / norm.mtp_total_weight_L
     extra_metrics = {} if self.extra is None else self.extra.metrics(extra_sums, norm.total_weight)
-    total = (self.ce_weight * ce + aux + self.mtp_weight / max(self.depth, 1) * jnp.sum(mtp_loss_K)
+    total = (self.ce_weight * ce + aux + self.mtp_weight / max(self.depth, 1) * jnp.sum(mtp_loss_L)
              + extra_metrics.get("extra_loss", 0.0))
-    return Losses(ce, aux, mtp_loss_K, extra_metrics, total)
+    return Losses(ce, aux, mtp_loss_L, extra_metrics, total)

@@ -41,7 +41,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
   The objective is the token-weighted mean cross-entropy over the *whole*
   batch, plus the mean of the sown auxiliary losses, plus (with
-  ``model.mtp.depth = K > 0``) ``loss_weight / K * sum_k`` of each MTP
+  ``model.mtp.depth = L > 0``) ``loss_weight / L * sum_k`` of each MTP
   depth's weighted mean cross-entropy, so accumulation gives the same update
   as one big batch. The ``loss`` metric is the main next-token CE alone;
   ``mtp_loss_k`` are logged per depth. An ``extra_objective`` scales the CE
@@ -62,9 +62,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
       (_, (sums, max_logits)), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, micro)
       return (grads, sums), max_logits
 
-    (grads, (ce_sum, mtp_sum_K, aux_sum, stats, layer_metrics, extra_sums)), max_logits = microbatched(
+    (grads, (ce_sum, mtp_sum_L, aux_sum, stats, layer_metrics, extra_sums)), max_logits = microbatched(
         micro_grads, grad_accum_steps)(batch)
-    losses = objective.losses(ce_sum, mtp_sum_K, aux_sum, extra_sums, norm)
+    losses = objective.losses(ce_sum, mtp_sum_L, aux_sum, extra_sums, norm)
 
     def objective_fn(params):
       """~The first micro-batch's mean objective (Sophia's Hessian-vector products)."""
@@ -97,7 +97,7 @@ def step_metrics(losses: Losses, grad_norm, finite, state: TrainState, updates, 
   """The logged metrics of one step (``state`` is the state after it)."""
   return {"loss": losses.ce, "aux_loss": losses.aux, "total_loss": losses.total, "grad_norm": grad_norm,
           "param_norm": optax.tree.norm(state.params), "finite": finite, "nonfinite_steps": state.nonfinite_steps,
-          **{f"mtp_loss_{k + 1}": losses.mtp_loss_K[k] for k in range(losses.mtp_loss_K.shape[0])},
+          **{f"mtp_loss_{k + 1}": losses.mtp_loss_L[k] for k in range(losses.mtp_loss_L.shape[0])},
           **losses.extra_metrics, **layer_metrics, **_per_layer_rms(updates), **optimizer_metrics(state.opt_state),
           **{f"{module}/max_logit": jnp.max(m_H) for module, m_H in max_logits.items()}}
 
@@ -114,14 +114,14 @@ def _per_layer_rms(updates) -> dict[str, jax.Array]:
 
 def make_eval_step(model: nn.Module, loss_chunk: int) -> Callable[[Any, Any, Batch], dict]:
   """Sums of weighted loss, weight and correct argmax predictions on a batch,
-  and per MTP depth (``[K]`` arrays) of weighted loss and weight."""
+  and per MTP depth (``[L]`` arrays) of weighted loss and weight."""
 
   def eval_step(params, model_state, batch: Batch):
     out = forward(model, params, model_state, batch, loss_chunk)
     w_BxT = batch["weights"].astype(jnp.float32)
     return {"loss_sum": jnp.sum(out.ce_BxT * w_BxT), "weight_sum": jnp.sum(w_BxT),
             "correct_sum": jnp.sum(out.correct_BxT * w_BxT),
-            "mtp_loss_sum": jnp.sum(out.mtp_ce_BxKxT * out.mtp_weights_BxKxT, axis=(0, 2)),
-            "mtp_weight_sum": jnp.sum(out.mtp_weights_BxKxT, axis=(0, 2))}
+            "mtp_loss_sum": jnp.sum(out.mtp_ce_BxLxT * out.mtp_weights_BxLxT, axis=(0, 2)),
+            "mtp_weight_sum": jnp.sum(out.mtp_weights_BxLxT, axis=(0, 2))}
 
   return eval_step

@@ -5,7 +5,7 @@ import (run only when the function is called) counts as much as a
 module-level one. An edge ``a -> b`` means that importing or running ``a``
 may execute module ``b``: the imported module itself, plus every package
 ``__init__`` above it that ``a`` is not already inside (Python runs those
-first: ``import moejax.models.state`` runs ``moejax/models/__init__.py``).
+first: ``import moejax.models.block`` runs ``moejax/models/__init__.py``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from moejax.distill.data import DomainBatches, domain_slices
 from moejax.distill.objective import DistillObjective
 from moejax.losses import chunked_token_stats
 from moejax.sharding import put_batch
-from moejax.train import Experiment, _forward, load_checkpoint, train
+from moejax.train import Experiment, forward, load_checkpoint, train
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class DistillExperiment(Experiment):
     return super().train_step(state, batch)
 
   def _eval_fn(self, params, model_state, batch, extra):
-    out = _forward(self.model, params, model_state, batch, self.cfg.train.loss_chunk, capture_experts=True)
+    out = forward(self.model, params, model_state, batch, self.cfg.train.loss_chunk, capture_experts=True)
     total = jnp.sum(batch["weights"].astype(jnp.float32))
     _, sums = self.objective.term(extra, batch, out, total)
     teacher_ce = []

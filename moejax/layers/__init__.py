@@ -1,12 +1,17 @@
 """Model layers, one file per layer family.
 
-Shape glossary, used in array names (``x_BxTxD``) and einsum strings
-(``'BTD,DHK->BTHK'``) throughout moejax:
+Shape glossary, used in array names (``x_BxTxD``, ``q_BxTxHxDh``) and einsum
+strings (``'BTD,DHd->BTHd'``) throughout moejax; the full table, one meaning
+per letter, is in ``docs/architecture.md``:
 
-  B batch            T query length      S key length       D model width
+  B batch            T query positions   S key positions    C chunk of positions
+  D model width      F ffn width         V vocabulary       Q query block
   H query heads      K kv heads          G query heads per kv head (H // K)
-  Dh head dim        E experts           C expert capacity  F ffn width
-  V vocabulary       N tokens (B*T flattened)
+  E experts          A experts per token
+  N tokens (B*T)     M grouped rows      L MTP depth        Z compressed entries
+  R latent rank      J indexer heads     I indexer head dim P prompt length
+  Dh q/k head dim, Dv value head dim, Dn/Dr its no-rope/rope parts, Dk latent
+  keys (R + Dr); einsum strings write these d, v, n, k.
 
 Logical axis names (mapped to mesh axes by ``moejax.sharding.LOGICAL_RULES``):
 parameters use ``vocab, embed, heads, kv_heads, head_dim, mlp, expert, norm``;

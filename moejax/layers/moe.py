@@ -37,9 +37,9 @@ from moejax.layers.routers import ROUTERS, RouterAux
 EXPERT_LOAD_METRIC = "expert_load"  # the trainer's expert-collapse warning reads it
 
 
-def expert_counts(expert_BxTxK, num_experts: int) -> jax.Array:
+def expert_counts(expert_BxTxA, num_experts: int) -> jax.Array:
   """float32 [B, E]: assignments per sequence and expert (empty slots, id E, not counted)."""
-  return jnp.sum(jax.nn.one_hot(expert_BxTxK, num_experts, dtype=jnp.float32), axis=(1, 2))
+  return jnp.sum(jax.nn.one_hot(expert_BxTxA, num_experts, dtype=jnp.float32), axis=(1, 2))
 
 
 def balance_loss(counts_GxE, probs_GxE) -> jax.Array:
@@ -94,8 +94,8 @@ class MoE(nn.Module):
       token_ids_BxT = jnp.zeros((b, t), jnp.int32)
 
     router = ROUTERS.get(self.router or moe.router)(cfg=cfg, name="router")
-    expert_NxK, weight_NxK, aux = router(x_BxTxD.reshape(b * t, d), token_ids_BxT.reshape(b * t))
-    expert_BxTxK = expert_NxK.reshape(b, t, -1)
+    expert_NxA, weight_NxA, aux = router(x_BxTxD.reshape(b * t, d), token_ids_BxT.reshape(b * t))
+    expert_BxTxA = expert_NxA.reshape(b, t, -1)
 
     init = nn.initializers.normal(cfg.init_std)
     param = lambda name, shape, axes: self.param(
@@ -109,17 +109,17 @@ class MoE(nn.Module):
                         capacity_factor=moe.capacity_factor,
                         backend=resolve_backend(moe.backend, moe.dispatch == "dropless", expert_parallel),
                         swiglu_limit=moe.swiglu_limit)
-    y_BxTxD, dropped = dispatch(x_BxTxD.astype(dtype), expert_BxTxK, weight_NxK.reshape(b, t, -1), weights, spec)
+    y_BxTxD, dropped = dispatch(x_BxTxD.astype(dtype), expert_BxTxA, weight_NxA.reshape(b, t, -1), weights, spec)
     if moe.num_shared:
       y_BxTxD = y_BxTxD + SwiGLU(cfg, ffn_dim=moe.num_shared * f, limit=moe.swiglu_limit, name="shared")(x_BxTxD)
     if not self.is_initializing():  # init keeps parameters and state only
-      self._losses_and_metrics(expert_BxTxK, aux, dropped)
+      self._losses_and_metrics(expert_BxTxA, aux, dropped)
     return nn.with_logical_constraint(y_BxTxD.astype(dtype), ("act_batch", "act_length", "act_embed"))
 
-  def _losses_and_metrics(self, expert_BxTxK, aux: RouterAux, dropped) -> None:
+  def _losses_and_metrics(self, expert_BxTxA, aux: RouterAux, dropped) -> None:
     moe = self.cfg.moe
-    b, t, _ = expert_BxTxK.shape
-    counts_BxE = expert_counts(expert_BxTxK, moe.num_experts)
+    b, t, _ = expert_BxTxA.shape
+    counts_BxE = expert_counts(expert_BxTxA, moe.num_experts)
     probs_BxTxE = aux.probs_NxE.reshape(b, t, -1)
     counts_E, probs_E = jnp.sum(counts_BxE, 0), jnp.mean(probs_BxTxE, (0, 1))
     losses = {

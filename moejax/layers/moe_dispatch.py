@@ -3,7 +3,7 @@
 One interface, two modes, several backends (``model.moe.dispatch`` and
 ``model.moe.backend``)::
 
-    y_NxD, dropped = dispatch(x_NxD, experts_KxN, weights_KxN, ExpertWeights(...), spec)
+    y_NxD, dropped = dispatch(x_NxD, experts_AxN, weights_AxN, ExpertWeights(...), spec)
 
 with ``y[n] = sum_k weights[k, n] * SwiGLU_{experts[k, n]}(x[n])``. An expert
 id equal to E marks an empty slot (expert-choice routing uses them).
@@ -81,7 +81,7 @@ class DispatchSpec:
 class Backend(NamedTuple):
   """A grouped-matmul backend and the modes it supports."""
 
-  fn: Callable  # (x_NxD, expert_KxN, weight_KxN, ExpertWeights, DispatchSpec, ep_size) -> (y_NxD, dropped)
+  fn: Callable  # (x_NxD, expert_AxN, weight_AxN, ExpertWeights, DispatchSpec, ep_size) -> (y_NxD, dropped)
   dropless: bool
   capacity: bool
   expert_parallel: bool
@@ -116,15 +116,15 @@ def resolve_backend(name: str, dropless: bool, expert_parallel: bool, platform: 
 class Plan(NamedTuple):
   """Assignments (slot-major: a = k * N + n) grouped by expert."""
 
-  expert_M: jax.Array  # int32 [M], M = K * N; E = empty slot
+  expert_M: jax.Array  # int32 [M], M = A * N; E = empty slot
   order_M: jax.Array   # assignment ids sorted by expert (stable: first choices, then earlier tokens, first)
   counts_E: jax.Array  # assignments per expert
   starts_E: jax.Array  # first sorted position of each expert
   rank_M: jax.Array    # position of each assignment within its expert's group
 
 
-def make_plan(expert_KxN: jax.Array, num_experts: int) -> Plan:
-  e_M = expert_KxN.reshape(-1).astype(jnp.int32)
+def make_plan(expert_AxN: jax.Array, num_experts: int) -> Plan:
+  e_M = expert_AxN.reshape(-1).astype(jnp.int32)
   m = e_M.shape[0]
   order_M = jnp.argsort(e_M, stable=True).astype(jnp.int32)
   counts_E = jnp.zeros(num_experts, jnp.int32).at[e_M].add(1, mode="drop")
@@ -152,8 +152,8 @@ def padded_maps(plan: Plan, cap: int) -> PaddedMaps:
   return PaddedMaps(assign, valid, jnp.where(kept, plan.expert_M * cap + plan.rank_M, 0), kept)
 
 
-def _combine(y_KxNxD, weight_KxN):
-  return jnp.einsum("KND,KN->ND", y_KxNxD, weight_KxN.astype(y_KxNxD.dtype))
+def _combine(y_AxNxD, weight_AxN):
+  return jnp.einsum("AND,AN->ND", y_AxNxD, weight_AxN.astype(y_AxNxD.dtype))
 
 
 # ----------------------------------------------------------------------------- einsum
@@ -259,9 +259,9 @@ def _padded_experts_bwd(caps, limit, exchange, res, dy_MxD):
 _padded_experts.defvjp(_padded_experts_fwd, _padded_experts_bwd)
 
 
-def _einsum_dispatch(x_NxD, expert_KxN, weight_KxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
-  k, n = expert_KxN.shape
-  plan = make_plan(expert_KxN, spec.num_experts)
+def _einsum_dispatch(x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
+  k, n = expert_AxN.shape
+  plan = make_plan(expert_AxN, spec.num_experts)
   if spec.dropless:
     caps = dropless_capacities(n, spec.top_k, spec.num_experts)
     most = jnp.max(plan.counts_E)
@@ -272,7 +272,7 @@ def _einsum_dispatch(x_NxD, expert_KxN, weight_KxN, w: ExpertWeights, spec: Disp
     caps, branch = (capacity(n, spec.top_k, spec.num_experts, spec.capacity_factor),), jnp.zeros((), jnp.int32)
   y_M = _padded_experts(caps, spec.swiglu_limit, _Exchange(ep_size), branch, x_NxD, plan, w)
   dropped = jnp.sum((plan.expert_M < spec.num_experts) & (plan.rank_M >= jnp.asarray(caps)[branch]))
-  return _combine(y_M.reshape(k, n, -1), weight_KxN), dropped
+  return _combine(y_M.reshape(k, n, -1), weight_AxN), dropped
 
 
 BACKENDS.register("einsum")(Backend(_einsum_dispatch, dropless=True, capacity=True, expert_parallel=True))
@@ -280,17 +280,17 @@ BACKENDS.register("einsum")(Backend(_einsum_dispatch, dropless=True, capacity=Tr
 
 # ----------------------------------------------------------------------------- ragged_dot
 
-def _ragged_dot_dispatch(x_NxD, expert_KxN, weight_KxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
+def _ragged_dot_dispatch(x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
   del ep_size
-  k, n = expert_KxN.shape
-  plan = make_plan(expert_KxN, spec.num_experts)
+  k, n = expert_AxN.shape
+  plan = make_plan(expert_AxN, spec.num_experts)
   x_MxD = x_NxD[plan.order_M % n]  # sorted by expert; empty slots sort last, outside every group
   gate_MxF = jax.lax.ragged_dot(x_MxD, w.gate_ExDxF, plan.counts_E)
   up_MxF = jax.lax.ragged_dot(x_MxD, w.up_ExDxF, plan.counts_E)
   y_sorted = jax.lax.ragged_dot(swiglu(gate_MxF, up_MxF, spec.swiglu_limit), w.down_ExFxD, plan.counts_E)
   inverse_M = plan.starts_E[jnp.minimum(plan.expert_M, spec.num_experts - 1)] + plan.rank_M
   y_M = jnp.where((plan.expert_M < spec.num_experts)[:, None], y_sorted[inverse_M], 0)
-  return _combine(y_M.reshape(k, n, -1), weight_KxN), jnp.zeros((), jnp.int32)
+  return _combine(y_M.reshape(k, n, -1), weight_AxN), jnp.zeros((), jnp.int32)
 
 
 BACKENDS.register("ragged_dot")(Backend(_ragged_dot_dispatch, dropless=True, capacity=False, expert_parallel=False))
@@ -298,22 +298,22 @@ BACKENDS.register("ragged_dot")(Backend(_ragged_dot_dispatch, dropless=True, cap
 
 # ----------------------------------------------------------------------------- onehot
 
-def _onehot_dispatch(x_NxD, expert_KxN, weight_KxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
+def _onehot_dispatch(x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
   del ep_size
-  k, n = expert_KxN.shape
+  k, n = expert_AxN.shape
   e = spec.num_experts
   cap = capacity(n, spec.top_k, e, spec.capacity_factor)
-  plan = make_plan(expert_KxN, e)
-  kept_KxN = ((plan.expert_M < e) & (plan.rank_M < cap)).reshape(k, n)
-  # [K, N, E, C]: assignment (k, n) sits in slot (expert, rank) when kept.
-  onehot_KxNxExC = (jax.nn.one_hot(expert_KxN, e, dtype=x_NxD.dtype)[..., None]
+  plan = make_plan(expert_AxN, e)
+  kept_AxN = ((plan.expert_M < e) & (plan.rank_M < cap)).reshape(k, n)
+  # [A, N, E, C]: assignment (k, n) sits in slot (expert, rank) when kept.
+  onehot_AxNxExC = (jax.nn.one_hot(expert_AxN, e, dtype=x_NxD.dtype)[..., None]
                     * jax.nn.one_hot(plan.rank_M.reshape(k, n), cap, dtype=x_NxD.dtype)[:, :, None, :]
-                    * kept_KxN[..., None, None].astype(x_NxD.dtype))
-  dispatch_NxExC = onehot_KxNxExC.sum(0)
-  combine_NxExC = jnp.einsum("KNEC,KN->NEC", onehot_KxNxExC, weight_KxN.astype(x_NxD.dtype))
+                    * kept_AxN[..., None, None].astype(x_NxD.dtype))
+  dispatch_NxExC = onehot_AxNxExC.sum(0)
+  combine_NxExC = jnp.einsum("ANEC,AN->NEC", onehot_AxNxExC, weight_AxN.astype(x_NxD.dtype))
   x_ExCxD = jnp.einsum("NEC,ND->ECD", dispatch_NxExC, x_NxD)
   y_ExCxD = _down(swiglu(*_up(x_ExCxD, w.gate_ExDxF, w.up_ExDxF), spec.swiglu_limit), w.down_ExFxD)
-  dropped = jnp.sum((expert_KxN < e) & ~kept_KxN)
+  dropped = jnp.sum((expert_AxN < e) & ~kept_AxN)
   return jnp.einsum("NEC,ECD->ND", combine_NxExC, y_ExCxD), dropped
 
 
@@ -322,7 +322,7 @@ BACKENDS.register("onehot")(Backend(_onehot_dispatch, dropless=False, capacity=T
 
 # ----------------------------------------------------------------------------- entry point
 
-def dispatch(x_BxTxD, expert_BxTxK, weight_BxTxK, w: ExpertWeights, spec: DispatchSpec):
+def dispatch(x_BxTxD, expert_BxTxA, weight_BxTxA, w: ExpertWeights, spec: DispatchSpec):
   """Routed-expert outputs ``y_BxTxD`` and the number of dropped assignments.
 
   Without a mesh (or when no token axis is split) the backend runs directly.
@@ -333,12 +333,12 @@ def dispatch(x_BxTxD, expert_BxTxK, weight_BxTxK, w: ExpertWeights, spec: Dispat
   """
   backend = BACKENDS.get(spec.backend)
   mesh = jax.sharding.get_abstract_mesh()
-  x_BxTxD, expert_BxTxK, weight_BxTxK = map(jnp.asarray, (x_BxTxD, expert_BxTxK, weight_BxTxK))
+  x_BxTxD, expert_BxTxA, weight_BxTxA = map(jnp.asarray, (x_BxTxD, expert_BxTxA, weight_BxTxA))
 
-  def local(x_BxTxD, expert_BxTxK, weight_BxTxK, w, ep_size=1):
+  def local(x_BxTxD, expert_BxTxA, weight_BxTxA, w, ep_size=1):
     b, t, d = x_BxTxD.shape
-    to_KxN = lambda a: a.reshape(b * t, -1).T
-    y_NxD, dropped = backend.fn(x_BxTxD.reshape(b * t, d), to_KxN(expert_BxTxK), to_KxN(weight_BxTxK), w, spec,
+    to_AxN = lambda a: a.reshape(b * t, -1).T
+    y_NxD, dropped = backend.fn(x_BxTxD.reshape(b * t, d), to_AxN(expert_BxTxA), to_AxN(weight_BxTxA), w, spec,
                                 ep_size)
     return y_NxD.reshape(b, t, d), dropped
 
@@ -349,20 +349,20 @@ def dispatch(x_BxTxD, expert_BxTxK, weight_BxTxK, w: ExpertWeights, spec: Dispat
   if not (token_axes or context) or b % math.prod(size[a] for a in token_axes) or t % size.get("context", 1):
     # No mesh, or a batch the mesh cannot split (e.g. the one-row dummy of
     # model.init): the plain computation, partitioned by the compiler.
-    return local(x_BxTxD, expert_BxTxK, weight_BxTxK, w)
+    return local(x_BxTxD, expert_BxTxA, weight_BxTxA, w)
   ep_size = size["expert"]
   summed_axes = token_axes + ((context,) if context else ())
   replicated_axes = tuple(a for a in summed_axes if a != "expert")  # same experts, different tokens
 
-  def per_device(x_BxTxD, expert_BxTxK, weight_BxTxK, w):
+  def per_device(x_BxTxD, expert_BxTxA, weight_BxTxA, w):
     # Each device computes weight gradients from its own tokens; marking the
     # weights as varying over those axes makes AD sum the gradients there.
     if replicated_axes:
       w = jax.tree.map(lambda a: jax.lax.pcast(a, replicated_axes, to="varying"), w)
-    y, dropped = local(x_BxTxD, expert_BxTxK, weight_BxTxK, w, ep_size)
+    y, dropped = local(x_BxTxD, expert_BxTxA, weight_BxTxA, w, ep_size)
     return y, jax.lax.psum(dropped, summed_axes) if summed_axes else dropped
 
   tok = P(token_axes or None, context)
   wspec = P("expert" if ep_size > 1 else None)
   return jax.shard_map(per_device, in_specs=(tok, tok, tok, ExpertWeights(wspec, wspec, wspec)),
-                       out_specs=(tok, P()))(x_BxTxD, expert_BxTxK, weight_BxTxK, w)
+                       out_specs=(tok, P()))(x_BxTxD, expert_BxTxA, weight_BxTxA, w)

@@ -3,9 +3,9 @@
 A router is a small Linen module constructed as ``cls(cfg=model_cfg,
 name="router")`` and called on the flattened tokens of one MoE layer::
 
-    expert_NxK, weight_NxK, aux = router(x_NxD, token_ids_N)
+    expert_NxA, weight_NxA, aux = router(x_NxD, token_ids_N)
 
-``expert_NxK`` are int32 expert ids (E marks an empty slot), ``weight_NxK``
+``expert_NxA`` are int32 expert ids (E marks an empty slot), ``weight_NxA``
 float32 combine weights, ``aux`` a :class:`RouterAux` with the gate logits and
 a per-token distribution over experts (for the balance losses, z-loss and
 entropy). Select one with ``model.moe.router``; write your own in a few lines
@@ -95,13 +95,13 @@ def probs_from_scores(scores_NxE, score: str) -> jax.Array:
   return scores_NxE if score == "softmax" else scores_NxE / (jnp.sum(scores_NxE, -1, keepdims=True) + 1e-20)
 
 
-def combine_weights(scores_NxE, expert_NxK, moe: ml_collections.ConfigDict) -> jax.Array:
+def combine_weights(scores_NxE, expert_NxA, moe: ml_collections.ConfigDict) -> jax.Array:
   """Scores of the chosen experts (0 for empty slots), renormalised if asked, times ``routed_scale``."""
   e = scores_NxE.shape[-1]
-  w_NxK = jnp.where(expert_NxK < e, jnp.take_along_axis(scores_NxE, jnp.minimum(expert_NxK, e - 1), -1), 0.0)
+  w_NxA = jnp.where(expert_NxA < e, jnp.take_along_axis(scores_NxE, jnp.minimum(expert_NxA, e - 1), -1), 0.0)
   if moe.renormalize:
-    w_NxK = w_NxK / (jnp.sum(w_NxK, -1, keepdims=True) + 1e-20)
-  return w_NxK * moe.routed_scale
+    w_NxA = w_NxA / (jnp.sum(w_NxA, -1, keepdims=True) + 1e-20)
+  return w_NxA * moe.routed_scale
 
 
 def selection_bias(module: nn.Module, num_experts: int) -> jax.Array:
@@ -110,9 +110,9 @@ def selection_bias(module: nn.Module, num_experts: int) -> jax.Array:
   return module.variable(BIAS_COLLECTION, "bias", lambda: jnp.zeros((num_experts,), jnp.float32)).value
 
 
-def sow_load(module: nn.Module, expert_NxK, num_experts: int) -> None:
+def sow_load(module: nn.Module, expert_NxA, num_experts: int) -> None:
   """Sows assignments per expert ``[E]`` into ``stats`` (summed over calls and micro-batches)."""
-  load_E = jnp.sum(jax.nn.one_hot(expert_NxK, num_experts, dtype=jnp.float32), axis=(0, 1))
+  load_E = jnp.sum(jax.nn.one_hot(expert_NxA, num_experts, dtype=jnp.float32), axis=(0, 1))
   module.sow("stats", "load", load_E, init_fn=lambda: jnp.zeros((num_experts,), jnp.float32),
              reduce_fn=lambda a, b: a + b)
 
@@ -129,7 +129,7 @@ def group_limited(sel_NxE, num_groups: int, topk_groups: int) -> jax.Array:
 
 @ROUTERS.register("topk")
 class TopKRouter(nn.Module):
-  """Token-choice top-k (see module docstring). x_NxD -> expert_NxK, weight_NxK, aux."""
+  """Token-choice top-k (see module docstring). x_NxD -> expert_NxA, weight_NxA, aux."""
 
   cfg: ml_collections.FrozenConfigDict
   supports_bias: ClassVar[bool] = True
@@ -146,10 +146,10 @@ class TopKRouter(nn.Module):
       sel_NxE = sel_NxE + selection_bias(self, moe.num_experts)
     if moe.num_groups > 1:
       sel_NxE = group_limited(sel_NxE, moe.num_groups, moe.topk_groups)
-    expert_NxK = jax.lax.top_k(sel_NxE, moe.top_k)[1].astype(jnp.int32)
+    expert_NxA = jax.lax.top_k(sel_NxE, moe.top_k)[1].astype(jnp.int32)
     if moe.score_bias:
-      sow_load(self, expert_NxK, moe.num_experts)
-    return (expert_NxK, combine_weights(scores_NxE, expert_NxK, moe),
+      sow_load(self, expert_NxA, moe.num_experts)
+    return (expert_NxA, combine_weights(scores_NxE, expert_NxA, moe),
             RouterAux(logits_NxE, probs_from_scores(scores_NxE, moe.score)))
 
 
@@ -163,7 +163,7 @@ class HashRouter(nn.Module):
   """Hash routing (DeepSeek-V4, after Roller et al. 2021): ``experts = tid2eid[token_id]``,
   a frozen table in collection ``hash_table`` (random and deterministic from
   the init seed, or loaded from a checkpoint); the learned gate only weights
-  them. x_NxD, token_ids_N -> expert_NxK, weight_NxK, aux."""
+  them. x_NxD, token_ids_N -> expert_NxA, weight_NxA, aux."""
 
   cfg: ml_collections.FrozenConfigDict
 
@@ -174,8 +174,8 @@ class HashRouter(nn.Module):
         self.make_rng("params"), cfg.vocab_size, moe.num_experts, moe.top_k))
     logits_NxE = gate_logits(self, x_NxD)
     scores_NxE = SCORE_FUNCTIONS[moe.score](logits_NxE)
-    expert_NxK = jnp.take(table.value, token_ids_N, axis=0)
-    return (expert_NxK, combine_weights(scores_NxE, expert_NxK, moe),
+    expert_NxA = jnp.take(table.value, token_ids_N, axis=0)
+    return (expert_NxA, combine_weights(scores_NxE, expert_NxA, moe),
             RouterAux(logits_NxE, probs_from_scores(scores_NxE, moe.score)))
 
 

@@ -47,7 +47,7 @@ def shift_left(x_BxT: jax.Array, k: int, fill=0) -> jax.Array:
 def mtp_targets(targets_BxT, weights_BxT, segment_ids_BxT, depth: int) -> tuple[jax.Array, jax.Array]:
   """Depth-k targets and weights for k = 1..depth, from one packed batch.
 
-  Returns ``(targets_BxKxT, weights_BxKxT)`` (K = depth): at position t,
+  Returns ``(targets_BxLxT, weights_BxLxT)`` (L = depth): at position t,
   depth k predicts ``targets[t + k]`` (= token t+k+1) with weight
   ``weights[t + k]`` if t + k < T and positions t and t + k lie in the same
   document (``segment_ids`` equal), else 0. Nothing past the row is used.

@@ -16,7 +16,6 @@ import optax
 
 from moejax.optim.qk_clip import qk_clip
 from moejax.registry import Registry
-from moejax.tree_paths import by_path, layer_name, path_str  # noqa: F401  (moejax/train.py's import, until arch-train)
 
 # Capabilities (``register`` keywords): ``section``, the name of the optimizer's own options
 # ``optim.<section>``; ``defaults() -> ConfigDict``, that section's fields and defaults;

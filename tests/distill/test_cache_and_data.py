@@ -9,7 +9,7 @@ import numpy as np
 from moejax.distill import cache as cache_lib
 from moejax.distill.data import DomainBatches
 from moejax.distill.run import DistillExperiment
-from moejax.train import _split_micro
+from moejax.grad_accum import split_micro
 from tests.distill.helpers import random_teachers, tiny_distill_cfg
 
 
@@ -19,7 +19,7 @@ def test_every_micro_batch_holds_each_domain_in_its_rows():
   data = DomainBatches(cfg, split="train", seed=0)
   batch = next(data)
   chex.assert_shape(batch["domain_BxT"], (6, 32))
-  micros = jax.device_get(_split_micro(batch, 3))
+  micros = jax.device_get(split_micro(batch, 3))
   for j in range(3):
     np.testing.assert_array_equal(micros["domain_BxT"][j][:, 0], [s.index for s in data.slices])
   copy_rows = batch["inputs"][batch["domain_BxT"][:, 0] == 0]

@@ -9,7 +9,7 @@ import pytest
 
 from moejax.distill.config import rows_per_domain
 from moejax.distill.data import DomainBatches
-from moejax.train import _forward
+from moejax.objective import forward
 from tests.distill.helpers import distill_experiment, tiny_distill_cfg
 
 
@@ -98,7 +98,7 @@ def test_teachers_are_frozen_and_rows_routed_per_domain(default_exp):
   state, data = exp.init_state(), exp.data_iterator("train")
   batch = next(data)
   before = jax.device_get(exp.extra)
-  out = jax.jit(lambda p, ms: _forward(exp.model, p, ms, batch, exp.cfg.train.loss_chunk, capture_experts=True))(
+  out = jax.jit(lambda p, ms: forward(exp.model, p, ms, batch, exp.cfg.train.loss_chunk, capture_experts=True))(
       state.params, state.model_state)
   grads = jax.jit(jax.grad(lambda extra: exp.objective.term(extra, batch, out, jnp.sum(batch["weights"]))[0]))(
       exp.extra)

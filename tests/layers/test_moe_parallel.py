@@ -1,4 +1,4 @@
-"""Expert parallelism: sharded over the 8 forced CPU devices == one device; a user router from the README."""
+"""Expert parallelism: sharded over the 8 forced CPU devices == one device; a user router from docs/moe.md."""
 
 import json
 import logging
@@ -20,7 +20,7 @@ from moejax.train import Experiment, ExpertCollapseWatch, train
 from tests.layers.test_moe import D, init_moe, moe_cfg
 
 pytestmark = pytest.mark.multidevice
-README = Path(__file__).parents[2] / "README.md"
+MOE_DOC = Path(__file__).parents[2] / "docs" / "moe.md"
 
 MESHES = {
     "expert=8": dict(expert=8),
@@ -70,12 +70,12 @@ def test_expert_parallel_layer_equals_single_device(devices, axes, dispatch):
     assert "expert" in str(params["w_gate"].sharding.spec)
 
 
-def test_readme_router_trains_under_an_expert_mesh_as_on_one_device(tmp_path, devices, monkeypatch, caplog):
-  """The README's "Write your own router" snippet in a user config file, next to
+def test_documented_router_trains_under_an_expert_mesh_as_on_one_device(tmp_path, devices, monkeypatch, caplog):
+  """docs/moe.md's "Write your own router" snippet in a user config file, next to
   a hash layer: the training loop under mesh data=2, expert=4 gives the
   single-device losses and parameters, logs per-expert loads to metrics.jsonl
   and warns on collapsed experts."""
-  section = README.read_text().split("### Write your own router")[1]
+  section = MOE_DOC.read_text().split("## Write your own router")[1]
   snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   config = tmp_path / "my_moe.py"
   config.write_text(snippet + '''
@@ -106,7 +106,7 @@ def get_config():
   with cfg.unlocked():
     cfg.mesh.update(data=2, expert=4)
   monkeypatch.setattr(ExpertCollapseWatch, "THRESHOLD", 2.0)  # every expert counts as collapsed
-  with caplog.at_level(logging.WARNING, logger="moejax.train"):
+  with caplog.at_level(logging.WARNING, logger="moejax.hooks"):
     sharded = train(cfg, str(tmp_path / "run"), devices)
 
   records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

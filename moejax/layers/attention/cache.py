@@ -88,32 +88,32 @@ def visible(step: Step, size: int, window: int = 0):
   return core.visible(step.q_pos_BxC, k_pos_BxS, step.q_seg_BxC, k_seg_BxS, window)
 
 
-def attend(q_BxCxHxD, k_BxSxKxD, v_BxSxKxE, valid_BxCxS, *, scale: float, block: int):
-  """GQA softmax over explicit keys, one key block at a time: (out_BxCxHxE, lse_BxCxH).
+def attend(q_BxCxHxDh, k_BxSxKxDh, v_BxSxKxDv, valid_BxCxS, *, scale: float, block: int):
+  """GQA softmax over explicit keys, one key block at a time: (out_BxCxHxDv, lse_BxCxH).
 
   Each block is :func:`core.masked_attention` (kv heads folded into the
   batch); blocks combine with :func:`core.merge`, so memory is
   O(C * H * block), never [C, S]. No sinks here: merge them afterwards.
   """
-  b, c, h, d = q_BxCxHxD.shape
-  s, kv = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+  b, c, h, d = q_BxCxHxDh.shape
+  s, kv = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
   block = int(min(block, s))
   sp = -(-s // block) * block
   pad = lambda x, value=0: jnp.pad(x, [(0, 0), (0, sp - s)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-  fold = lambda x: jnp.moveaxis(x, 2, 1).reshape(b * kv, sp, x.shape[-1])           # [B*K, S, D]
-  k, v = fold(pad(k_BxSxKxD)), fold(pad(v_BxSxKxE))
+  fold = lambda x: jnp.moveaxis(x, 2, 1).reshape(b * kv, sp, x.shape[-1])           # [B*K, S, Dh]
+  k, v = fold(pad(k_BxSxKxDh)), fold(pad(v_BxSxKxDv))
   valid = jnp.repeat(pad(jnp.moveaxis(valid_BxCxS, 2, 1), False), kv, axis=0)      # [B*K, S, C]
-  q = jnp.moveaxis(q_BxCxHxD.reshape(b, c, kv, h // kv, d), 2, 1).reshape(b * kv, c, h // kv, d)
+  q = jnp.moveaxis(q_BxCxHxDh.reshape(b, c, kv, h // kv, d), 2, 1).reshape(b * kv, c, h // kv, d)
 
   def key_block(carry, j):
     k_j, v_j = (jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1) for x in (k, v))
     valid_j = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(valid, j * block, block, axis=1), 1, 2)
-    logits = jnp.einsum("BQGD,BSD->BQGS", q, k_j, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("BQGd,BSd->BQGS", q, k_j, preferred_element_type=jnp.float32) * scale
     out, lse, _ = core.masked_attention(logits, v_j, valid_j, "BS")
     return core.merge([carry, (out, lse)]), None
 
-  e = v_BxSxKxE.shape[-1]
+  e = v_BxSxKxDv.shape[-1]
   init = (jnp.zeros((b * kv, c, h // kv, e), jnp.float32), jnp.full((b * kv, c, h // kv), core.NEG, jnp.float32))
   (out, lse), _ = jax.lax.scan(key_block, init, jnp.arange(sp // block))
   unfold = lambda x: jnp.moveaxis(x.reshape(b, kv, c, h // kv, *x.shape[3:]), 1, 2).reshape(b, c, h, *x.shape[3:])
-  return unfold(out).astype(v_BxSxKxE.dtype), unfold(lse)
+  return unfold(out).astype(v_BxSxKxDv.dtype), unfold(lse)

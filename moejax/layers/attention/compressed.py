@@ -57,15 +57,15 @@ from moejax.layers.rope import Rope, apply_rope
 class Entries(NamedTuple):
   """Compressed entries of a row: values and what decides who may see them."""
 
-  kv_BxNxK: jax.Array  # rotated, normalised
-  last_N: jax.Array     # index of the last pooled token: query t sees entry w iff last[w] <= t
-  segment_BxN: jax.Array  # the document all pooled tokens belong to, -1 if they straddle two (or empty)
+  kv_BxZxDh: jax.Array  # rotated, normalised
+  last_Z: jax.Array     # index of the last pooled token: query t sees entry w iff last[w] <= t
+  segment_BxZ: jax.Array  # the document all pooled tokens belong to, -1 if they straddle two (or empty)
 
   def visible(self, q_idx_BxQ, q_seg_BxQ):
     """Bool [B, Q, N] (query indices [Q] or [B, Q])."""
     q_idx = jnp.broadcast_to(q_idx_BxQ, q_seg_BxQ.shape)
-    return ((self.last_N[None, None, :] <= q_idx[:, :, None])
-            & (self.segment_BxN[:, None, :] == q_seg_BxQ[:, :, None]) & (q_seg_BxQ > 0)[:, :, None])
+    return ((self.last_Z[None, None, :] <= q_idx[:, :, None])
+            & (self.segment_BxZ[:, None, :] == q_seg_BxQ[:, :, None]) & (q_seg_BxQ > 0)[:, :, None])
 
 
 def compress_rows(module: nn.Module, x_BxTxD, offset_BxT, ratio: int, dim: int, overlap: bool):
@@ -85,12 +85,12 @@ def compress_rows(module: nn.Module, x_BxTxD, offset_BxT, ratio: int, dim: int, 
   return jnp.einsum("BTD,DC->BTC", x, w_kv), gate
 
 
-def pool(module: nn.Module, kv_BxNxJxK, gate_BxNxJxK, start_positions_BxN, rope: Rope):
-  """Entries ``rope(rmsnorm(sum_j softmax_j(gate) * kv))`` [B, N, K]; creates ``kv_norm`` on ``module``."""
-  weights = jax.nn.softmax(gate_BxNxJxK, axis=2).astype(kv_BxNxJxK.dtype)
+def pool(module: nn.Module, kv_BxZxMxC, gate_BxZxMxC, start_positions_BxZ, rope: Rope):
+  """Entries ``rope(rmsnorm(sum_j softmax_j(gate) * kv))`` [B, Z, Dh]; creates ``kv_norm`` on ``module``."""
+  weights = jax.nn.softmax(gate_BxZxMxC, axis=2).astype(kv_BxZxMxC.dtype)
   dtype, pdtype = options.dtypes(module.cfg)
-  pooled_BxNxK = RMSNorm(module.cfg.norm_eps, dtype, pdtype, name="kv_norm")(jnp.sum(weights * kv_BxNxJxK, axis=2))
-  return apply_rope(pooled_BxNxK, start_positions_BxN, rope)
+  pooled_BxZxDh = RMSNorm(module.cfg.norm_eps, dtype, pdtype, name="kv_norm")(jnp.sum(weights * kv_BxZxMxC, axis=2))
+  return apply_rope(pooled_BxZxDh, start_positions_BxZ, rope)
 
 
 def compress(module: nn.Module, x_BxTxD, positions_BxT, segment_ids_BxT, ratio: int, dim: int, overlap: bool,
@@ -104,18 +104,18 @@ def compress(module: nn.Module, x_BxTxD, positions_BxT, segment_ids_BxT, ratio: 
   n = t // ratio
   offset_BxT = jnp.broadcast_to(jnp.arange(n * ratio) % ratio, (b, n * ratio))
   kv_BxTxC, gate_BxTxC = compress_rows(module, x_BxTxD[:, :n * ratio], offset_BxT, ratio, dim, overlap)
-  kv_BxNxMxC = kv_BxTxC.reshape(b, n, ratio, kv_BxTxC.shape[-1])
-  gate_BxNxMxC = gate_BxTxC.reshape(b, n, ratio, gate_BxTxC.shape[-1])
+  kv_BxZxMxC = kv_BxTxC.reshape(b, n, ratio, kv_BxTxC.shape[-1])
+  gate_BxZxMxC = gate_BxTxC.reshape(b, n, ratio, gate_BxTxC.shape[-1])
   if overlap:  # entry w pools Ca (channels :dim) of window w-1 and Cb (dim:) of window w
     shift = lambda a, fill: jnp.pad(a[:, :-1, :, :dim], [(0, 0), (1, 0), (0, 0), (0, 0)], constant_values=fill)
-    kv_BxNxMxC = jnp.concatenate([shift(kv_BxNxMxC, 0), kv_BxNxMxC[..., dim:]], axis=2)
-    gate_BxNxMxC = jnp.concatenate([shift(gate_BxNxMxC, core.NEG), gate_BxNxMxC[..., dim:]], axis=2)
+    kv_BxZxMxC = jnp.concatenate([shift(kv_BxZxMxC, 0), kv_BxZxMxC[..., dim:]], axis=2)
+    gate_BxZxMxC = jnp.concatenate([shift(gate_BxZxMxC, core.NEG), gate_BxZxMxC[..., dim:]], axis=2)
   starts = np.arange(n) * ratio  # static
-  kv_BxNxK = pool(module, kv_BxNxMxC, gate_BxNxMxC, positions_BxT[:, starts], rope)
+  kv_BxZxDh = pool(module, kv_BxZxMxC, gate_BxZxMxC, positions_BxT[:, starts], rope)
   first = np.maximum(starts - ratio, 0) if overlap else starts
   last = starts + ratio - 1
   seg_first, seg_last = segment_ids_BxT[:, first], segment_ids_BxT[:, last]
-  return Entries(kv_BxNxK, last, jnp.where(seg_first == seg_last, seg_last, -1))
+  return Entries(kv_BxZxDh, last, jnp.where(seg_first == seg_last, seg_last, -1))
 
 
 def compress_decode(module: nn.Module, x_BxCxD, positions_BxC, step: cache.Step, max_len: int, ratio: int,
@@ -150,18 +150,18 @@ def compress_decode(module: nn.Module, x_BxCxD, positions_BxC, step: cache.Step,
     prev = lambda rows: take(rows, rows_BxJxM - ratio)[..., :dim]
     kv_BxJxMxC = jnp.concatenate([prev(kv_rows), kv_BxJxMxC[..., dim:]], axis=2)
     gate_BxJxMxC = jnp.concatenate([prev(gate_rows), gate_BxJxMxC[..., dim:]], axis=2)
-  new_BxJxK = pool(module, kv_BxJxMxC, gate_BxJxMxC, window_BxJ * ratio, rope)
+  new_BxJxDh = pool(module, kv_BxJxMxC, gate_BxJxMxC, window_BxJ * ratio, rope)
 
   n = max_len // ratio
-  entries = module.variable("cache", "entries", jnp.zeros, (b, n, dim), new_BxJxK.dtype)
+  entries = module.variable("cache", "entries", jnp.zeros, (b, n, dim), new_BxJxDh.dtype)
   slot_BxJ = jnp.where(done_BxJ, window_BxJ, n)  # not complete: dropped
-  entries.value = entries.value.at[jnp.arange(b)[:, None], slot_BxJ].set(new_BxJxK, mode="drop")
+  entries.value = entries.value.at[jnp.arange(b)[:, None], slot_BxJ].set(new_BxJxDh, mode="drop")
   keep_BxH = step.count_B[:, None] + jnp.arange(hist)  # the last ``hist`` positions after the chunk
   kv_state.value = take(kv_rows, keep_BxH)
   gate_state.value = take(gate_rows, keep_BxH)
-  last_N = np.arange(n) * ratio + ratio - 1
-  filled_BxN = last_N[None, :] < (step.index_B + step.count_B)[:, None]
-  return Entries(entries.value, last_N, jnp.where(filled_BxN, 1, -1))
+  last_Z = np.arange(n) * ratio + ratio - 1
+  filled_BxZ = last_Z[None, :] < (step.index_B + step.count_B)[:, None]
+  return Entries(entries.value, last_Z, jnp.where(filled_BxZ, 1, -1))
 
 
 class Compressor(nn.Module):
@@ -239,12 +239,12 @@ class V4Attention(nn.Module):
     """(q_resid_BxTxRq, q_BxTxHxDh, kv_BxTxDh): queries and the shared key=value, rotated."""
     x = x_BxTxD.astype(self.w_q_a.dtype)
     q_resid = self.q_a_norm(jnp.einsum("BTD,DR->BTR", x, self.w_q_a))
-    q = jnp.einsum("BTR,RHK->BTHK", q_resid, self.w_q_b)
+    q = jnp.einsum("BTR,RHd->BTHd", q_resid, self.w_q_b)
     q32 = q.astype(jnp.float32)
     q = (q32 * jax.lax.rsqrt(jnp.mean(q32 * q32, -1, keepdims=True) + self.cfg.norm_eps)).astype(q.dtype)
     q = nn.with_logical_constraint(apply_rope(q, positions_BxT, self.rope),
                                    ("act_batch", "act_length", "act_heads", None))
-    kv = apply_rope(self.kv_norm(jnp.einsum("BTD,DK->BTK", x, self.w_kv)), positions_BxT, self.rope)
+    kv = apply_rope(self.kv_norm(jnp.einsum("BTD,Dd->BTd", x, self.w_kv)), positions_BxT, self.rope)
     return q_resid, q, kv
 
   def output(self, out_BxTxHxDh, positions_BxT):
@@ -265,7 +265,7 @@ class V4Attention(nn.Module):
     if self.compression == "csa":  # the indexer learns from its KL only: detached inputs
       sg = jax.lax.stop_gradient
       picks = self.indexer(sg(x_BxTxD), sg(q_resid), positions_BxT, segment_ids_BxT)
-    if entries is None or entries.kv_BxNxK.shape[1] == 0:
+    if entries is None or entries.kv_BxZxDh.shape[1] == 0:
       out, max_logit = context_parallel.causal_attention(
           q_BxTxHxDh, kv_BxTx1xDh, kv_BxTx1xDh, segment_ids_BxT, sinks_H=self.sinks_H,
           use_xla=options.use_xla_kernel(self.cfg, x_BxTxD.shape[1]), track_max_logit=a.track_max_logit, **kw)
@@ -289,7 +289,7 @@ class V4Attention(nn.Module):
     ``training=False`` (decoding) skips the indexer's KL and recall.
     """
     a = self.cfg.attention
-    n = entries.kv_BxNxK.shape[1]
+    n = entries.kv_BxZxDh.shape[1]
     sg = jax.lax.stop_gradient
     q_i, w_i, idx_entries = picks or (None, None, None)
     stage = a.indexer_stage if picks else "dense"
@@ -298,36 +298,36 @@ class V4Attention(nn.Module):
 
     def chunk(_, xs, seg_BxQ, shared):
       q, lse_w, q_i_c, w_i_c, q_idx_BxQ = xs
-      kv_BxNxK, entry_seg_BxN, idx_kv_BxNxI = shared  # all-gathered over context (context_parallel.py)
-      valid_BxQxN = Entries(kv_BxNxK, entries.last_N, entry_seg_BxN).visible(q_idx_BxQ, seg_BxQ)
+      kv_BxZxDh, entry_seg_BxZ, idx_kv_BxZxI = shared  # all-gathered over context (context_parallel.py)
+      valid_BxQxZ = Entries(kv_BxZxDh, entries.last_Z, entry_seg_BxZ).visible(q_idx_BxQ, seg_BxQ)
       if dense:
-        keys, ok, spec = kv_BxNxK, valid_BxQxN, "BS"
+        keys, ok, spec = kv_BxZxDh, valid_BxQxZ, "BS"
       else:
-        idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(idx_kv_BxNxI)), valid_BxQxN, top)
-        keys, spec = indexer.gather(kv_BxNxK, idx), "BQS"
-      logits = jnp.einsum(f"BQHK,{spec}K->BQHS", q, keys, preferred_element_type=jnp.float32) * self.scale
+        idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(idx_kv_BxZxI)), valid_BxQxZ, top)
+        keys, spec = indexer.gather(kv_BxZxDh, idx), "BQS"
+      logits = jnp.einsum(f"BQHd,{spec}d->BQHS", q, keys, preferred_element_type=jnp.float32) * self.scale
       out, lse, max_logit = core.masked_attention(logits, keys, ok, spec)
       sums = {"max_logit": max_logit}
       if training and stage in ("warmup", "sparse"):
         if dense:
-          index = indexer.scores(q_i_c, w_i_c, idx_kv_BxNxI)
+          index = indexer.scores(q_i_c, w_i_c, idx_kv_BxZxI)
         else:
-          index = indexer.gathered_scores(q_i_c, w_i_c, indexer.gather(idx_kv_BxNxI, idx))
+          index = indexer.gathered_scores(q_i_c, w_i_c, indexer.gather(idx_kv_BxZxI, idx))
         lse_all = jax.nn.logsumexp(jnp.stack([lse, lse_w, jnp.broadcast_to(self.sinks_H, lse.shape)]), axis=0)
         sums.update(indexer.kl_to_main(logits, lse_all, index, ok, seg_BxQ > 0))
       return (out.astype(q.dtype), lse), sums
 
     rows = core.chunk_rows(a.chunk_size, n * (self.cfg.num_heads if dense else 1))  # [rows, H or 1, N] scores
-    shared = (entries.kv_BxNxK, entries.segment_BxN, idx_entries.kv_BxNxK if picks else None)
+    shared = (entries.kv_BxZxDh, entries.segment_BxZ, idx_entries.kv_BxZxDh if picks else None)
     compressed, sums = context_parallel.map_query_chunks(
         chunk, rows, (q_BxTxHxDh, window_lse_BxTxH, q_i, w_i, q_idx_BxT), segment_ids_BxT, shared)
     recall = None
     if training and self.compression == "csa" and indexer.wants_recall(self):
       rows = indexer.recall_rows(segment_ids_BxT.shape[1], a.indexer_recall_queries)
       seg_BxR = segment_ids_BxT[:, rows]
-      logits = jnp.einsum("BRHK,BNK->BRHN", q_BxTxHxDh[:, rows], entries.kv_BxNxK,
+      logits = jnp.einsum("BRHd,BZd->BRHZ", q_BxTxHxDh[:, rows], entries.kv_BxZxDh,
                           preferred_element_type=jnp.float32) * self.scale
-      index = indexer.scores(q_i[:, rows], w_i[:, rows], idx_entries.kv_BxNxK)
+      index = indexer.scores(q_i[:, rows], w_i[:, rows], idx_entries.kv_BxZxDh)
       recall = indexer.recall(logits, entries.visible(jnp.asarray(rows), seg_BxR), index, top, seg_BxR > 0)
     return compressed, sums, recall
 

@@ -68,11 +68,11 @@ def _head_axis(num_heads: int, num_kv_heads: int):
   return "tensor" if ok else None
 
 
-def _specs(q_BxTxHxD, k_BxTxKxD):
+def _specs(q_BxTxHxDh, k_BxTxKxDh):
   """Specs of a kernel call: (q/out, k/v, segment ids, lse, [H] max logit), and the axes to reduce maxima over."""
-  batch = _batch_axes(q_BxTxHxD.shape[0])
-  heads = _head_axis(q_BxTxHxD.shape[2], k_BxTxKxD.shape[2])
-  kv_heads = heads if k_BxTxKxD.shape[2] > 1 else None
+  batch = _batch_axes(q_BxTxHxDh.shape[0])
+  heads = _head_axis(q_BxTxHxDh.shape[2], k_BxTxKxDh.shape[2])
+  kv_heads = heads if k_BxTxKxDh.shape[2] > 1 else None
   return (P(batch, AXIS, heads), P(batch, AXIS, kv_heads), P(batch, AXIS), P(batch, AXIS, heads), P(heads),
           tuple(a for a in (*(batch or ()), AXIS)))
 
@@ -80,7 +80,7 @@ def _specs(q_BxTxHxD, k_BxTxKxD):
 # ----------------------------------------------------------------------------- kernels per device
 
 
-def cross_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxE, q_idx_Q, k_idx_S, q_seg_BxQ, k_seg_BxS, *, scale: float,
+def cross_attention(q_BxQxHxDh, k_BxSxKxDh, v_BxSxKxDv, q_idx_Q, k_idx_S, q_seg_BxQ, k_seg_BxS, *, scale: float,
                     window: int = 0, block: int = 512):
   """Attention of queries to a disjoint key set given by global indices: ``(out, lse, max_logit_H)``.
 
@@ -89,32 +89,32 @@ def cross_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxE, q_idx_Q, k_idx_S, q_seg_BxQ
   (scores [B, chunk, H, S], rematerialised in the backward pass); a query
   with no visible key gets ``lse = NEG`` and a zero output.
   """
-  _, s, kv, d = k_BxSxKxD.shape
-  h = q_BxQxHxD.shape[2]
+  _, s, kv, d = k_BxSxKxDh.shape
+  h = q_BxQxHxDh.shape[2]
   k_idx_S = jnp.asarray(k_idx_S)
 
   def chunk(start, xs, seg_BxQ):
     q, q_idx = xs
     valid_BxQxS = core.visible(q_idx[0], k_idx_S, seg_BxQ, k_seg_BxS, window)
     q = q.reshape(*q.shape[:2], kv, h // kv, d)
-    logits = jnp.einsum("BQKGD,BSKD->BQKGS", q, k_BxSxKxD, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("BQKGd,BSKd->BQKGS", q, k_BxSxKxDh, preferred_element_type=jnp.float32) * scale
     logits = logits.reshape(*q.shape[:2], h, s)
     if kv == 1:  # MQA (V4, absorbed MLA): one value list for every head
-      out, lse, max_logit = core.masked_attention(logits, v_BxSxKxE[:, :, 0], valid_BxQxS, "BS")
+      out, lse, max_logit = core.masked_attention(logits, v_BxSxKxDv[:, :, 0], valid_BxQxS, "BS")
     else:        # GQA: head h reads kv head h // (H / K)
-      values_BxSxHxE = jnp.repeat(v_BxSxKxE, h // kv, axis=2)
-      out, lse, max_logit = core.masked_attention(logits, values_BxSxHxE, valid_BxQxS, "BSH")
+      values_BxSxHxDv = jnp.repeat(v_BxSxKxDv, h // kv, axis=2)
+      out, lse, max_logit = core.masked_attention(logits, values_BxSxHxDv, valid_BxQxS, "BSH")
     return (out.astype(q.dtype), lse), {"max_logit": max_logit}
 
-  q_idx_BxQ = jnp.broadcast_to(jnp.asarray(q_idx_Q), q_BxQxHxD.shape[:2])
-  (out, lse), sums = core.map_query_chunks(chunk, core.chunk_rows(block, s * h), (q_BxQxHxD, q_idx_BxQ),
+  q_idx_BxQ = jnp.broadcast_to(jnp.asarray(q_idx_Q), q_BxQxHxDh.shape[:2])
+  (out, lse), sums = core.map_query_chunks(chunk, core.chunk_rows(block, s * h), (q_BxQxHxDh, q_idx_BxQ),
                                            q_seg_BxQ)
   return out, lse, sums["max_logit"]
 
 
-def _empty(q_BxQxHxD, v_BxSxKxE):
-  b, n, h, _ = q_BxQxHxD.shape
-  return (jnp.zeros((b, n, h, v_BxSxKxE.shape[-1]), q_BxQxHxD.dtype), jnp.full((b, n, h), core.NEG, jnp.float32),
+def _empty(q_BxQxHxDh, v_BxSxKxDv):
+  b, n, h, _ = q_BxQxHxDh.shape
+  return (jnp.zeros((b, n, h, v_BxSxKxDv.shape[-1]), q_BxQxHxDh.dtype), jnp.full((b, n, h), core.NEG, jnp.float32),
           jnp.full((h,), core.NEG, jnp.float32))
 
 
@@ -203,7 +203,7 @@ def _halo_local(q, k, v, seg, *, c: int, scale: float, window: int, block: int):
 # ----------------------------------------------------------------------------- public entry points
 
 
-def flash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, *, scale: float, window: int = 0,
+def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scale: float, window: int = 0,
                     block: int = 512):
   """``core.flash_attention`` (same signature and outputs) over a ``context``-sharded sequence.
 
@@ -211,15 +211,15 @@ def flash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, *, scale: 
   ``window`` keys otherwise; exactly ``core.flash_attention`` without a
   context axis.
   """
-  t = q_BxTxHxD.shape[1]
+  t = q_BxTxHxDh.shape[1]
   c = context_size(t)
   if c == 1:
-    return core.flash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, scale=scale, window=window,
+    return core.flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, scale=scale, window=window,
                                 block=block)
   if window > t // c:
     raise ValueError(f"attention.window={window} exceeds the {t // c} tokens per context shard "
                      f"(T={t}, mesh.context={c}); lower mesh.context or the window.")
-  q_spec, kv_spec, seg_spec, lse_spec, h_spec, reduce_axes = _specs(q_BxTxHxD, k_BxTxKxD)
+  q_spec, kv_spec, seg_spec, lse_spec, h_spec, reduce_axes = _specs(q_BxTxHxDh, k_BxTxKxDh)
 
   def local(q, k, v, seg):
     if window:
@@ -230,16 +230,16 @@ def flash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, *, scale: 
 
   return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
                        out_specs=(q_spec, lse_spec, h_spec), check_vma=False)(
-                           q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT)
+                           q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT)
 
 
-def causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, *, scale: float, window: int = 0,
+def causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scale: float, window: int = 0,
                      sinks_H=None, use_xla: bool = False, block: int = 512, track_max_logit: bool = False):
   """``core.causal_attention`` over a ``context``-sharded sequence (the XLA kernel is single-device only)."""
-  if context_size(q_BxTxHxD.shape[1]) == 1:
-    return core.causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, scale=scale, window=window,
+  if context_size(q_BxTxHxDh.shape[1]) == 1:
+    return core.causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, scale=scale, window=window,
                                  sinks_H=sinks_H, use_xla=use_xla, block=block, track_max_logit=track_max_logit)
-  out, lse, max_logit = flash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, scale=scale,
+  out, lse, max_logit = flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, scale=scale,
                                         window=window, block=block)
   if sinks_H is not None:
     out, _ = core.merge([(out, lse)], sinks_H)

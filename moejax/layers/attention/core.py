@@ -67,22 +67,22 @@ def _pad_axis1(x, size: int, value=0):
 # ----------------------------------------------------------------------------- flash
 
 
-def flash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, *, scale: float, window: int = 0,
+def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scale: float, window: int = 0,
                     block: int = 512):
   """Causal self-attention, one key block at a time; never holds [T, T].
 
-  Returns ``(out_BxTxHxE, lse_BxTxH, max_logit_H)``: the output normalised
+  Returns ``(out_BxTxHxDv, lse_BxTxH, max_logit_H)``: the output normalised
   over the visible keys only, the float32 log-sum-exp of the scaled logits
   ``q·k·scale`` (``NEG`` for a query with no visible key), and the max
   visible logit per head (no gradient). Groups of H/K query heads share a
   kv head (GQA/MQA). Differentiable in q, k, v (both outputs).
   """
-  b, t, h, d = q_BxTxHxD.shape
-  kv = k_BxTxKxD.shape[2]
+  b, t, h, d = q_BxTxHxDh.shape
+  kv = k_BxTxKxDh.shape[2]
   block = int(min(block, t))
   tp = -(-t // block) * block
-  q = _pad_axis1(q_BxTxHxD, tp).reshape(b, tp, kv, h // kv, d)
-  k, v = _pad_axis1(k_BxTxKxD, tp), _pad_axis1(v_BxTxKxE, tp)
+  q = _pad_axis1(q_BxTxHxDh, tp).reshape(b, tp, kv, h // kv, d)
+  k, v = _pad_axis1(k_BxTxKxDh, tp), _pad_axis1(v_BxTxKxDv, tp)
   seg = _pad_axis1(segment_ids_BxT, tp, value=-1)  # padded rows see only themselves
   out, lse, max_logit = _flash(q, k, v, seg, scale, window, block)
   out = out.reshape(b, tp, h, -1)[:, :t]
@@ -100,7 +100,7 @@ def _block_scores(q_i, k, seg, q_seg_i, i, j, scale, window, block):
   """Scaled logits [B, K, G, Q, S] of query block i vs key block j, masked with NEG."""
   k_j = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=1)
   k_seg_j = jax.lax.dynamic_slice_in_dim(seg, j * block, block, axis=1)
-  s = jnp.einsum("BQKGD,BSKD->BKGQS", q_i, k_j, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum("BQKGd,BSKd->BKGQS", q_i, k_j, preferred_element_type=jnp.float32) * scale
   idx = jnp.arange(block)
   vis = visible(i * block + idx, j * block + idx, q_seg_i, k_seg_j, window)[:, None, None]
   return jnp.where(vis, s, NEG), vis
@@ -137,7 +137,7 @@ def _flash_fwd(q, k, v, seg, scale, window, block):
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
-      acc = acc * corr[..., None] + jnp.einsum("BKGQS,BSKE->BKGQE", p.astype(v.dtype), v_j,
+      acc = acc * corr[..., None] + jnp.einsum("BKGQS,BSKv->BKGQv", p.astype(v.dtype), v_j,
                                                preferred_element_type=jnp.float32)
       return m_new, l * corr + p.sum(-1), acc
 
@@ -152,7 +152,7 @@ def _flash_fwd(q, k, v, seg, scale, window, block):
     return None, (jnp.moveaxis(out, 3, 1), jnp.moveaxis(lse, 3, 1), m.max(axis=(0, 3)))
 
   _, (out, lse, m) = jax.lax.scan(query_block, None, (jnp.arange(n), _blocks(q, block), _blocks(seg, block)))
-  out = _unblocks(out).astype(v.dtype)  # [B, Tp, K, G, E]
+  out = _unblocks(out).astype(v.dtype)  # [B, Tp, K, G, Dv]
   lse = _unblocks(lse)                  # [B, Tp, K, G]
   return (out, lse, m.max(0)), (q, k, v, seg, out, lse)
 
@@ -161,7 +161,7 @@ def _flash_bwd(scale, window, block, residuals, cotangents):
   q, k, v, seg, out, lse = residuals
   d_out, d_lse, _ = cotangents
   n = q.shape[1] // block
-  delta = jnp.einsum("BTKGE,BTKGE->BTKG", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = jnp.einsum("BTKGv,BTKGv->BTKG", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
   def query_block(carry, xs):
     i, q_i, q_seg_i, do_i, lse_i, delta_i, dlse_i = xs
@@ -174,11 +174,11 @@ def _flash_bwd(scale, window, block, residuals, cotangents):
       k_j = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=1)
       v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=1)
       p = jnp.where(vis, jnp.exp(s - lse_i[..., None]), 0.0)
-      dp = jnp.einsum("BQKGE,BSKE->BKGQS", do_i, v_j, preferred_element_type=jnp.float32)
+      dp = jnp.einsum("BQKGv,BSKv->BKGQS", do_i, v_j, preferred_element_type=jnp.float32)
       ds = p * (dp - delta_i[..., None] + dlse_i[..., None]) * scale
-      dq_i = dq_i + jnp.einsum("BKGQS,BSKD->BQKGD", ds, k_j.astype(jnp.float32))
-      dk_j = jnp.einsum("BKGQS,BQKGD->BSKD", ds, q_i.astype(jnp.float32))
-      dv_j = jnp.einsum("BKGQS,BQKGE->BSKE", p, do_i.astype(jnp.float32))
+      dq_i = dq_i + jnp.einsum("BKGQS,BSKd->BQKGd", ds, k_j.astype(jnp.float32))
+      dk_j = jnp.einsum("BKGQS,BQKGd->BSKd", ds, q_i.astype(jnp.float32))
+      dv_j = jnp.einsum("BKGQS,BQKGv->BSKv", p, do_i.astype(jnp.float32))
       add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
           acc, jax.lax.dynamic_slice_in_dim(acc, j * block, block, axis=1) + x, j * block, axis=1)
       return dq_i, add(dk, dk_j), add(dv, dv_j)
@@ -200,19 +200,19 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- xla / explicit
 
 
-def xla_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, *, scale: float, window: int = 0,
+def xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scale: float, window: int = 0,
                   sinks_H=None, track_max_logit: bool = False):
   """``jax.nn.dot_product_attention`` with an explicit [B, 1, T, T] mask (short T).
 
   Sinks enter as one extra key with zero k and v whose logit is the sink (a
-  [1, H, 1, T+1] bias). Returns ``(out_BxTxHxE, max_logit_H or None)``; the max
+  [1, H, 1, T+1] bias). Returns ``(out_BxTxHxDv, max_logit_H or None)``; the max
   logit, when asked for, is computed from explicit [B, H, T, T] scores.
   """
-  b, t, h, d = q_BxTxHxD.shape
-  e = v_BxTxKxE.shape[-1]
+  b, t, h, d = q_BxTxHxDh.shape
+  e = v_BxTxKxDv.shape[-1]
   idx = jnp.arange(t)
   mask = visible(idx, idx, segment_ids_BxT, segment_ids_BxT, window)[:, None]
-  k, v = k_BxTxKxD, v_BxTxKxE
+  k, v = k_BxTxKxDh, v_BxTxKxDv
   if e < d:  # the kernel needs one head dim for k and v (MLA has Dv < Dqk)
     v = jnp.pad(v, [(0, 0)] * 3 + [(0, d - e)])
   bias = None
@@ -221,19 +221,19 @@ def xla_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, *, scale: fl
     v = jnp.pad(v, [(0, 0), (0, 1), (0, 0), (0, 0)])
     mask = jnp.pad(mask, [(0, 0), (0, 0), (0, 0), (0, 1)], constant_values=True)
     bias = jnp.zeros((1, h, 1, t + 1), jnp.float32).at[0, :, 0, t].set(sinks_H.astype(jnp.float32))
-    bias = bias.astype(q_BxTxHxD.dtype)
-  out = jax.nn.dot_product_attention(q_BxTxHxD, k, v, bias=bias, mask=mask, scale=scale)[..., :e]
+    bias = bias.astype(q_BxTxHxDh.dtype)
+  out = jax.nn.dot_product_attention(q_BxTxHxDh, k, v, bias=bias, mask=mask, scale=scale)[..., :e]
   max_logit = None
   if track_max_logit:
-    kv = k_BxTxKxD.shape[2]
-    s = jnp.einsum("BTKGD,BSKD->BKGTS", q_BxTxHxD.reshape(b, t, kv, h // kv, d), k_BxTxKxD,
+    kv = k_BxTxKxDh.shape[2]
+    s = jnp.einsum("BTKGd,BSKd->BKGTS", q_BxTxHxDh.reshape(b, t, kv, h // kv, d), k_BxTxKxDh,
                    preferred_element_type=jnp.float32) * scale
     max_logit = jnp.where(mask[:, :, None, :, :t], s, NEG).max(axis=(0, 3, 4)).reshape(h)
   return out, jax.lax.stop_gradient(max_logit) if max_logit is not None else None
 
 
 def masked_attention(logits_BxQxHxS, values, valid_BxQxS, keys: str):
-  """Softmax over an explicit key set: ``(out_BxQxHxE, lse_BxQxH, max_logit_H)``.
+  """Softmax over an explicit key set: ``(out_BxQxHxDv, lse_BxQxH, max_logit_H)``.
 
   ``logits`` are already scaled; ``valid`` marks the keys each query may
   see; ``keys`` names the axes of ``values`` before its channel axis: ``"BS"``
@@ -245,7 +245,7 @@ def masked_attention(logits_BxQxHxS, values, valid_BxQxS, keys: str):
   p = jnp.where(valid_BxQxS[:, :, None, :], jnp.exp(s - m[..., None]), 0.0)
   l = p.sum(-1)
   seen = l > 0
-  out = jnp.einsum(f"BQHS,{keys}E->BQHE", p / jnp.where(seen, l, 1.0)[..., None],
+  out = jnp.einsum(f"BQHS,{keys}v->BQHv", p / jnp.where(seen, l, 1.0)[..., None],
                    values.astype(jnp.float32))
   lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG)
   return out, lse, jax.lax.stop_gradient(m.max(axis=(0, 1)))
@@ -258,7 +258,7 @@ def masked_lse(logits_BxQxHxS, valid_BxQxS, sinks_H=None):
 
 
 def merge(partials, sinks_H=None):
-  """Combines ``[(out_BxTxHxE, lse_BxTxH), ...]`` over disjoint key sets into one softmax.
+  """Combines ``[(out_BxTxHxDv, lse_BxTxH), ...]`` over disjoint key sets into one softmax.
 
   ``out = sum_i out_i * exp(lse_i - lse)`` with ``lse = logsumexp(lse_i, sink)``:
   exactly the attention over the union of the key sets, plus a sink key of
@@ -272,17 +272,17 @@ def merge(partials, sinks_H=None):
   return out.astype(partials[0][0].dtype), total
 
 
-def causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, *, scale: float, window: int = 0,
+def causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scale: float, window: int = 0,
                      sinks_H=None, use_xla: bool = False, block: int = 512, track_max_logit: bool = False):
   """Causal (optionally windowed) self-attention with optional sinks.
 
-  Returns ``(out_BxTxHxE, max_logit_H or None)``; ``use_xla`` picks
+  Returns ``(out_BxTxHxDv, max_logit_H or None)``; ``use_xla`` picks
   :func:`xla_attention`, else :func:`flash_attention`.
   """
   if use_xla:
-    return xla_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, scale=scale, window=window,
+    return xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, scale=scale, window=window,
                          sinks_H=sinks_H, track_max_logit=track_max_logit)
-  out, lse, max_logit = flash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxE, segment_ids_BxT, scale=scale,
+  out, lse, max_logit = flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, scale=scale,
                                         window=window, block=block)
   if sinks_H is not None:
     out, _ = merge([(out, lse)], sinks_H)

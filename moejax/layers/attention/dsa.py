@@ -64,7 +64,7 @@ class DSAttention(MLAttention):
     indexer.sow_training(self, sums, recall)
     return self.output(out_BxTxHxDv)
 
-  def sparse_core(self, p: MLAProjection, q_i, w_i, keys_BxSxK, k_i_BxSxI, q_idx_BxT, segment_ids_BxT,
+  def sparse_core(self, p: MLAProjection, q_i, w_i, keys_BxSxDk, k_i_BxSxI, q_idx_BxT, segment_ids_BxT,
                   k_idx_S, k_seg_BxS, top: int, with_kl: bool):
     """(out_BxTxHxDv, sums): absorbed MLA over the top-``top`` keys, a query chunk at a time.
 
@@ -77,24 +77,24 @@ class DSAttention(MLAttention):
 
     def chunk(_, xs, seg_BxQ, shared):
       q_nope, q_rope, q_i_c, w_i_c, q_idx_BxQ = xs
-      keys_BxSxK, k_i_BxSxI, k_seg_BxS = shared  # all-gathered over context (context_parallel.py)
+      keys_BxSxDk, k_i_BxSxI, k_seg_BxS = shared  # all-gathered over context (context_parallel.py)
       valid_BxQxS = core.visible(q_idx_BxQ, k_idx_S, seg_BxQ, k_seg_BxS)
       idx, ok = indexer.top_k(indexer.scores(sg(q_i_c), sg(w_i_c), sg(k_i_BxSxI)), valid_BxQxS, top)
-      keys_BxQxSxK = indexer.gather(keys_BxSxK, idx)
-      logits = jnp.einsum("BQHK,BQSK->BQHS", self.absorb_query(q_nope, q_rope), keys_BxQxSxK,
+      keys_BxQxSxDk = indexer.gather(keys_BxSxDk, idx)
+      logits = jnp.einsum("BQHk,BQSk->BQHS", self.absorb_query(q_nope, q_rope), keys_BxQxSxDk,
                           preferred_element_type=jnp.float32) * self.scale
-      out, lse, max_logit = core.masked_attention(logits, keys_BxQxSxK[..., :r], ok, "BQS")
+      out, lse, max_logit = core.masked_attention(logits, keys_BxQxSxDk[..., :r], ok, "BQS")
       if self.sinks_H is not None:
         out, lse = core.merge([(out, lse)], self.sinks_H)
       sums = {"max_logit": max_logit}
       if with_kl:
         index_sel = indexer.gathered_scores(q_i_c, w_i_c, indexer.gather(k_i_BxSxI, idx))
         sums.update(indexer.kl_to_main(logits, lse, index_sel, ok, seg_BxQ > 0))
-      return self.unabsorb_output(out.astype(keys_BxSxK.dtype)), sums
+      return self.unabsorb_output(out.astype(keys_BxSxDk.dtype)), sums
 
     per_query = (p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr, q_i, w_i, q_idx_BxT)
-    return context_parallel.map_query_chunks(chunk, core.chunk_rows(self.cfg.attention.chunk_size, keys_BxSxK.shape[1]),
-                                             per_query, segment_ids_BxT, (keys_BxSxK, k_i_BxSxI, k_seg_BxS))
+    rows = core.chunk_rows(self.cfg.attention.chunk_size, keys_BxSxDk.shape[1])
+    return context_parallel.map_query_chunks(chunk, rows, per_query, segment_ids_BxT, (keys_BxSxDk, k_i_BxSxI, k_seg_BxS))
 
   @nn.compact
   def decode(self, x_BxCxD, positions_BxC, segment_ids_BxC, max_len: int):
@@ -104,20 +104,20 @@ class DSAttention(MLAttention):
     indexer's top-``index_topk`` cached keys (no KL is computed).
     """
     a = self.cfg.attention
-    step, p, keys_BxSxK = self.decode_step(x_BxCxD, positions_BxC, segment_ids_BxC, max_len)
+    step, p, keys_BxSxDk = self.decode_step(x_BxCxD, positions_BxC, segment_ids_BxC, max_len)
     q_i, w_i, k_i = self.indexer(x_BxCxD, p.q_resid_BxTxRq, positions_BxC)
     k_i_BxSxI = cache.extend(self, "index_keys", step, k_i, max_len)
     if a.indexer_stage == "warmup":
-      return self.output(self.absorbed_dense(p, keys_BxSxK, cache.visible(step, max_len)))
+      return self.output(self.absorbed_dense(p, keys_BxSxDk, cache.visible(step, max_len)))
     k_idx, k_seg = cache.keys(step, max_len)
-    top = min(a.index_topk, keys_BxSxK.shape[1])
-    out_BxCxHxDv, _ = self.sparse_core(p, q_i, w_i, keys_BxSxK, k_i_BxSxI, step.q_pos_BxC, step.q_seg_BxC,
+    top = min(a.index_topk, keys_BxSxDk.shape[1])
+    out_BxCxHxDv, _ = self.sparse_core(p, q_i, w_i, keys_BxSxDk, k_i_BxSxI, step.q_pos_BxC, step.q_seg_BxC,
                                        k_idx, k_seg, top, with_kl=False)
     return self.output(out_BxCxHxDv)
 
-  def _dense_logits(self, keys_BxTxK, q_nope, q_rope):
+  def _dense_logits(self, keys_BxTxDk, q_nope, q_rope):
     """Absorbed logits of some queries against the latent keys, float32 [B, Q, H, T]."""
-    return jnp.einsum("BQHK,BSK->BQHS", self.absorb_query(q_nope, q_rope), keys_BxTxK,
+    return jnp.einsum("BQHk,BSk->BQHS", self.absorb_query(q_nope, q_rope), keys_BxTxDk,
                       preferred_element_type=jnp.float32) * self.scale
 
   def _warmup_kl(self, p: MLAProjection, q_i, w_i, k_i, segment_ids_BxT):
@@ -126,9 +126,9 @@ class DSAttention(MLAttention):
 
     def chunk(start, xs, seg_BxQ, shared):
       q_nope, q_rope, q_i_c, w_i_c = xs
-      keys_BxTxK, k_i, segment_ids_BxT = shared  # all-gathered over context (context_parallel.py)
+      keys_BxTxDk, k_i, segment_ids_BxT = shared  # all-gathered over context (context_parallel.py)
       valid_BxQxS = core.visible(start + jnp.arange(seg_BxQ.shape[1]), jnp.arange(t), seg_BxQ, segment_ids_BxT)
-      logits = self._dense_logits(keys_BxTxK, q_nope, q_rope)
+      logits = self._dense_logits(keys_BxTxDk, q_nope, q_rope)
       lse = core.masked_lse(logits, valid_BxQxS, self.sinks_H)
       return (), indexer.kl_to_main(logits, lse, indexer.scores(q_i_c, w_i_c, k_i), valid_BxQxS, seg_BxQ > 0)
 

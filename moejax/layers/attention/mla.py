@@ -82,29 +82,29 @@ class MLAttention(nn.Module):
     q_resid = None
     if a.q_lora_rank:
       q_resid = self.q_a_norm(jnp.einsum("BTD,DR->BTR", x, self.w_q_a))
-      q_BxTxHxK = jnp.einsum("BTR,RHK->BTHK", q_resid, self.w_q_b)
+      q_BxTxHxDh = jnp.einsum("BTR,RHd->BTHd", q_resid, self.w_q_b)
     else:
-      q_BxTxHxK = jnp.einsum("BTD,DHK->BTHK", x, self.w_q)
-    q_BxTxHxK = nn.with_logical_constraint(q_BxTxHxK, ("act_batch", "act_length", "act_heads", None))
-    q_rope = apply_rope(q_BxTxHxK[..., a.qk_nope_head_dim:], positions_BxT, self.rope)
-    kv_a_BxTxK = jnp.einsum("BTD,DK->BTK", x, self.w_kv_a)
-    c_BxTxR = self.kv_a_norm(kv_a_BxTxK[..., :a.kv_lora_rank])
-    k_rope_BxTxDr = apply_rope(kv_a_BxTxK[..., a.kv_lora_rank:], positions_BxT, self.rope)
-    return MLAProjection(q_BxTxHxK[..., :a.qk_nope_head_dim], q_rope, c_BxTxR, k_rope_BxTxDr, q_resid)
+      q_BxTxHxDh = jnp.einsum("BTD,DHd->BTHd", x, self.w_q)
+    q_BxTxHxDh = nn.with_logical_constraint(q_BxTxHxDh, ("act_batch", "act_length", "act_heads", None))
+    q_rope = apply_rope(q_BxTxHxDh[..., a.qk_nope_head_dim:], positions_BxT, self.rope)
+    kv_a_BxTxDk = jnp.einsum("BTD,Dk->BTk", x, self.w_kv_a)
+    c_BxTxR = self.kv_a_norm(kv_a_BxTxDk[..., :a.kv_lora_rank])
+    k_rope_BxTxDr = apply_rope(kv_a_BxTxDk[..., a.kv_lora_rank:], positions_BxT, self.rope)
+    return MLAProjection(q_BxTxHxDh[..., :a.qk_nope_head_dim], q_rope, c_BxTxR, k_rope_BxTxDr, q_resid)
 
   def expand(self, p: MLAProjection):
     """Naive form: per-head q, k [B,T,H,Dn+Dr] and v [B,T,H,Dv]."""
     dn = self.cfg.attention.qk_nope_head_dim
-    kv_BxTxHxK = jnp.einsum("BTR,RHK->BTHK", p.c_BxTxR, self.w_kv_b)
-    k_rope = jnp.broadcast_to(p.k_rope_BxTxDr[:, :, None, :], kv_BxTxHxK.shape[:3] + p.k_rope_BxTxDr.shape[-1:])
+    kv_BxTxHxDnv = jnp.einsum("BTR,RHc->BTHc", p.c_BxTxR, self.w_kv_b)  # Dnv = Dn + Dv
+    k_rope = jnp.broadcast_to(p.k_rope_BxTxDr[:, :, None, :], kv_BxTxHxDnv.shape[:3] + p.k_rope_BxTxDr.shape[-1:])
     q = jnp.concatenate([p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr], axis=-1)
-    k = jnp.concatenate([kv_BxTxHxK[..., :dn], k_rope], axis=-1)
-    return q, k, kv_BxTxHxK[..., dn:]
+    k = jnp.concatenate([kv_BxTxHxDnv[..., :dn], k_rope], axis=-1)
+    return q, k, kv_BxTxHxDnv[..., dn:]
 
   def absorb_query(self, q_nope_BxTxHxDn, q_rope_BxTxHxDr):
     """Absorbed query ``[q_nope W_uk^T | q_rope]``: [B, T, H, R + Dr] against latent keys."""
     w_uk_RxHxDn = self.w_kv_b[..., :self.cfg.attention.qk_nope_head_dim]
-    return jnp.concatenate([jnp.einsum("BTHN,RHN->BTHR", q_nope_BxTxHxDn, w_uk_RxHxDn), q_rope_BxTxHxDr], -1)
+    return jnp.concatenate([jnp.einsum("BTHn,RHn->BTHR", q_nope_BxTxHxDn, w_uk_RxHxDn), q_rope_BxTxHxDr], -1)
 
   def latent_keys(self, p: MLAProjection):
     """The MQA keys of the absorbed form, [B, T, R + Dr] (what a decode cache stores)."""
@@ -113,10 +113,10 @@ class MLAttention(nn.Module):
   def unabsorb_output(self, out_BxTxHxR):
     """Latent attention output -> per-head values: ``out W_uv`` [B, T, H, Dv]."""
     w_uv_RxHxDv = self.w_kv_b[..., self.cfg.attention.qk_nope_head_dim:]
-    return jnp.einsum("BTHR,RHV->BTHV", out_BxTxHxR, w_uv_RxHxDv)
+    return jnp.einsum("BTHR,RHv->BTHv", out_BxTxHxR, w_uv_RxHxDv)
 
   def output(self, out_BxTxHxDv):
-    return jnp.einsum("BTHV,HVD->BTD", out_BxTxHxDv, self.w_o)
+    return jnp.einsum("BTHv,HvD->BTD", out_BxTxHxDv, self.w_o)
 
   def dense_core(self, p: MLAProjection, segment_ids_BxT, absorbed: bool = False):
     """Causal attention over all previous keys: (out_BxTxHxDv, max_logit_H)."""
@@ -126,9 +126,9 @@ class MLAttention(nn.Module):
     if not absorbed:
       q, k, v = self.expand(p)
       return context_parallel.causal_attention(q, k, v, segment_ids_BxT, **kw)
-    keys_BxTx1xK = self.latent_keys(p)[:, :, None, :]
+    keys_BxTx1xDk = self.latent_keys(p)[:, :, None, :]
     out_BxTxHxR, max_logit = context_parallel.causal_attention(
-        self.absorb_query(p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr), keys_BxTx1xK, p.c_BxTxR[:, :, None, :],
+        self.absorb_query(p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr), keys_BxTx1xDk, p.c_BxTxR[:, :, None, :],
         segment_ids_BxT, **kw)
     return self.unabsorb_output(out_BxTxHxR), max_logit
 
@@ -143,16 +143,16 @@ class MLAttention(nn.Module):
     p = self.project(x_BxCxD, positions_BxC)
     return step, p, cache.extend(self, "latent", step, self.latent_keys(p), max_len)
 
-  def absorbed_dense(self, p: MLAProjection, keys_BxSxK, valid_BxCxS):
+  def absorbed_dense(self, p: MLAProjection, keys_BxSxDk, valid_BxCxS):
     """Absorbed MLA over the visible latent keys, sinks included: out_BxCxHxDv."""
     r = self.cfg.attention.kv_lora_rank
-    out = cache.attend(self.absorb_query(p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr), keys_BxSxK[:, :, None],
-                       keys_BxSxK[:, :, None, :r], valid_BxCxS, scale=self.scale, block=self.cfg.attention.chunk_size)
+    out = cache.attend(self.absorb_query(p.q_nope_BxTxHxDn, p.q_rope_BxTxHxDr), keys_BxSxDk[:, :, None],
+                       keys_BxSxDk[:, :, None, :r], valid_BxCxS, scale=self.scale, block=self.cfg.attention.chunk_size)
     out_BxCxHxR, _ = core.merge([out], self.sinks_H)
     return self.unabsorb_output(out_BxCxHxR)
 
   @nn.compact
   def decode(self, x_BxCxD, positions_BxC, segment_ids_BxC, max_len: int):
     """x_BxCxD -> y_BxCxD, absorbed, with the latent cache ``latent`` [B, S, R + Dr] (``cache.py``)."""
-    step, p, keys_BxSxK = self.decode_step(x_BxCxD, positions_BxC, segment_ids_BxC, max_len)
-    return self.output(self.absorbed_dense(p, keys_BxSxK, cache.visible(step, max_len)))
+    step, p, keys_BxSxDk = self.decode_step(x_BxCxD, positions_BxC, segment_ids_BxC, max_len)
+    return self.output(self.absorbed_dense(p, keys_BxSxDk, cache.visible(step, max_len)))

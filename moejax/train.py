@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from moejax import config as config_lib
+from moejax import console
 from moejax.checkpoint import Checkpointer, abstract_like
 from moejax.data import ShardedBatches
 from moejax.layers.moe import EXPERT_LOAD_METRIC
@@ -386,7 +387,7 @@ class ExpertCollapseWatch:
   Reads the per-layer ``.../expert_load`` metrics (assignments per expert /
   mean, see ``moejax/layers/moe.py``); an expert below ``THRESHOLD`` for
   ``patience`` consecutive steps is reported once (again if it recovers and
-  collapses anew). ``patience`` is ``model.moe.collapse_steps`` (0: never).
+  collapses anew); experts of one layer that collapse at the same step share one line. ``patience`` is ``model.moe.collapse_steps`` (0: never).
   """
 
   THRESHOLD = 0.01
@@ -402,11 +403,13 @@ class ExpertCollapseWatch:
     for name, load in jax.device_get(loads).items():
       streak = np.where(np.asarray(load) < self.THRESHOLD, self.streaks.get(name, 0) + 1, 0)
       self.streaks[name] = streak
-      for expert in np.flatnonzero(streak == self.patience):
+      experts = np.flatnonzero(streak == self.patience).tolist()
+      if experts:  # one line per layer and event, naming every expert that collapsed at this step
         warnings.append(
-            f"step {step}: {name.rsplit('/', 1)[0]} expert {expert} has received under {self.THRESHOLD:.0%} of the "
-            f"mean load for {self.patience} steps in a row (collapsed). Balance the router: "
-            "model.moe.score_bias=True (aux-loss-free bias) or a larger bias_update_rate / load_balance_weight.")
+            f"step {step}: {name.rsplit('/', 1)[0]} experts {experts} ({len(experts)} of {streak.size}) have "
+            f"received under {self.THRESHOLD:.0%} of the mean load for {self.patience} steps in a row (collapsed). "
+            "Balance the router: model.moe.score_bias=True (aux-loss-free bias) or a larger bias_update_rate / "
+            "load_balance_weight.")
     for message in warnings:
       log.warning(message)
     return warnings
@@ -452,8 +455,8 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         "Use a new --workdir, or set these fields back to resume that run.")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment: Experiment | None = None
-          ) -> TrainState:
+def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment: Experiment | None = None,
+          start_fresh: bool = False) -> TrainState:
   """Trains ``cfg`` in ``workdir``, resuming from its newest good checkpoint.
 
   Leaves ``config.json``, ``metrics.jsonl``, ``tensorboard/`` and
@@ -461,7 +464,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
   which a SIGTERM/SIGINT stopped the run, after checkpointing it).
   ``experiment`` (built from ``cfg``) replaces the default :class:`Experiment`,
   e.g. a distillation experiment with its own objective and data.
+  If the workdir holds checkpoints and none restores, this raises
+  ``UnreadableCheckpointsError`` and changes nothing, unless ``start_fresh``.
   """
+  console.check_workdir(workdir)
   exp = experiment or Experiment(cfg, devices)
   t = cfg.train
   data = exp.data_iterator("train")
@@ -470,10 +476,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
   check_workdir(cfg, workdir)
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-  start, state = ckpt.restore_latest(exp.abstract_state, data)
-  if state is None:
-    start, state = 0, exp.init_state()
+  saved_config = console.read_saved_config(workdir)
+  try:
+    start, state = ckpt.restore_latest(exp.abstract_state, data, start_fresh=start_fresh)
+  except BaseException:
+    ckpt.close()
+    raise
+  restored = state is not None
+  if not restored:
+    start, state, data = 0, exp.init_state(), exp.data_iterator("train")  # a failed restore may have moved data
   primary = jax.process_index() == 0
+  console.report_start(workdir, cfg, start if restored else None, ckpt.directory, saved_config, ckpt.skipped,
+                       primary)
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
@@ -495,6 +509,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
         collapse_watch.update(step, metrics)
         evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
         eval_metrics = exp.evaluate(state, t.eval_batches) if evaluating else {}
+        if evaluating and primary:
+          console.router_summary(step, jax.device_get(metrics))
         if writer and (step % t.log_every == 0 or step == t.steps or evaluating):
           writer.write(step, {**jax.device_get(metrics), **eval_metrics})
         stopping = stop.should_stop(step)
@@ -508,6 +524,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
     ckpt.close()
     if writer:
       writer.close()
+  if primary:
+    console.closing_summary(workdir, cfg)
   return state
 
 
@@ -541,13 +559,20 @@ def _handle_nonfinite(exp: Experiment, ckpt: Checkpointer, state: TrainState, st
 
 def load_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
   """(Experiment, step, state) of the newest good checkpoint in ``workdir``."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first with "
+                            f"`moejax train --workdir {workdir} ...`.")
   exp = Experiment(cfg, devices)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  step, state = ckpt.restore_latest(exp.abstract_state)
-  ckpt.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
-                            f"`moejax train --workdir {workdir} ...`.")
+  try:
+    step, state = ckpt.restore_latest(exp.abstract_state)
+  finally:
+    ckpt.close()
+  for message in ckpt.skipped:
+    console.say(f"moejax: warning: {message}")
+  console.say(f"moejax: using the checkpoint of step {step} ({os.path.join(ckpt.directory, str(step))})"
+              + (", not the newest: see the warnings above" if ckpt.skipped else ""))
   return exp, step, state
 
 

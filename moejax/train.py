@@ -387,7 +387,8 @@ class ExpertCollapseWatch:
   Reads the per-layer ``.../expert_load`` metrics (assignments per expert /
   mean, see ``moejax/layers/moe.py``); an expert below ``THRESHOLD`` for
   ``patience`` consecutive steps is reported once (again if it recovers and
-  collapses anew); experts of one layer that collapse at the same step share one line. ``patience`` is ``model.moe.collapse_steps`` (0: never).
+  collapses anew); experts of one layer that collapse at the same step share
+  one line. ``patience`` is ``model.moe.collapse_steps`` (0: never).
   """
 
   THRESHOLD = 0.01

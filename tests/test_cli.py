@@ -73,6 +73,22 @@ def test_train_then_eval_then_extend(tmp_path):
   assert [(r["status"], r["restored_step"]) for r in _runs(wd)] == [("fresh", 0), ("resumed", 4)]
   assert [s for s, _ in _losses(wd)] == [1, 2, 3, 4, 5, 6]
 
+  # Every checkpoint unreadable: exit 2, a message naming them and the way out, nothing changed, no asyncio noise.
+  from tests.reliability.test_state_faults import _corrupt
+
+  ckpts = sorted(n for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
+  for name in ckpts:
+    _corrupt(tmp_path / "run" / "checkpoints" / name)
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    metrics_before = f.read()
+  out = moejax("train", *SMALL, "--config.train.steps=8", "--config.train.checkpoint_every=2", "--workdir", wd)
+  assert out.returncode == 2, out.stderr
+  assert "--start_fresh" in out.stderr and all(os.path.join("checkpoints", n) in out.stderr for n in ckpts)
+  assert "asyncio" not in out.stderr and "Traceback" not in out.stderr and "pybind11" not in out.stderr
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    assert f.read() == metrics_before
+  assert not os.path.exists(os.path.join(wd, "checkpoints_set_aside"))
+
 
 def test_kill_9_then_rerun_resumes_exactly(tmp_path):
   args = [*SMALL, "--config.train.steps=30", "--config.train.checkpoint_every=5"]
@@ -187,3 +203,25 @@ def test_quickstart_notebook_finds_the_repository_from_its_own_location(tmp_path
                        timeout=120)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == f"moejax repository: {REPO}"
+
+
+def test_moe_run_prints_a_router_summary_per_layer_at_eval_steps(tmp_path):
+  wd = str(tmp_path / "moe")
+  out = moejax("train", "--config", "configs/tiny_moe.py", "--config.data.seq_len=64", "--config.train.batch_size=8",
+               "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.eval_batches=1",
+               "--config.train.log_every=1", "--workdir", wd)
+  assert out.returncode == 0, out.stderr
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    last = [json.loads(line) for line in f][-1]
+  layers = sorted(k.rsplit("/", 1)[0] for k in last if k.endswith("/expert_load"))
+  assert layers
+  for layer in layers:
+    load = last[f"{layer}/expert_load"]
+    dead = [i for i, x in enumerate(load) if x < 0.01]
+    line = (f"step 2 router {layer}: load max/mean {last[f'{layer}/load_max_over_mean']:.2f}, "
+            f"min/mean {last[f'{layer}/load_min_over_mean']:.2f}, dead experts "
+            f"{len(dead)}/{len(load)}{' ' + str(dead) if dead else ''}, "
+            f"dropped {last[f'{layer}/dropped_fraction']:.1%}")
+    assert line in out.stderr, (line, out.stderr[-3000:])
+    # Raw and weighted balance terms are both logged; the weighted ones are what entered the objective.
+    assert f"{layer}/z_loss" in last and f"{layer}/z_loss_weighted" in last

@@ -85,9 +85,7 @@ def report_start(workdir: str, cfg: ml_collections.ConfigDict, restored_step: in
     line, status = f"resumed from step {restored_step} of {total} (checkpoint {checkpoint})", "resumed"
   if not primary:
     return line
-  say(f"moejax train: {line}")
-  for message in skipped:
-    say(f"moejax train: warning: {message}")
+  say(f"moejax train: {line}" + (f", after setting aside {len(skipped)} (see the warnings above)" if skipped else ""))
   old_steps = (saved_config or {}).get("train", {}).get("steps")
   if restored_step and old_steps is not None and old_steps != total:
     say(f"moejax train: warning: train.steps changed from {old_steps} to {total} since the checkpoint of step "

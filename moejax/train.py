@@ -570,8 +570,6 @@ def load_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
     step, state = ckpt.restore_latest(exp.abstract_state)
   finally:
     ckpt.close()
-  for message in ckpt.skipped:
-    console.say(f"moejax: warning: {message}")
   console.say(f"moejax: using the checkpoint of step {step} ({os.path.join(ckpt.directory, str(step))})"
               + (", not the newest: see the warnings above" if ckpt.skipped else ""))
   return exp, step, state

@@ -143,15 +143,16 @@ def test_all_checkpoints_unreadable_stops_and_changes_nothing(tmp_path, devices,
   assert "starting fresh: step 0 of 6" in capsys.readouterr().err
 
 
-def test_eval_of_a_corrupt_newest_checkpoint_says_which_step_it_used(tmp_path, devices, capsys):
+def test_eval_of_a_corrupt_newest_checkpoint_says_which_step_it_used(tmp_path, devices, capsys, caplog):
   cfg = _cfg(steps=4)
   train(cfg, str(tmp_path), devices[:1])
   _corrupt(tmp_path / "checkpoints" / "4")
   capsys.readouterr()
-  assert evaluate_checkpoint(cfg, str(tmp_path), devices[:1])["step"] == 2
+  with caplog.at_level(logging.WARNING, logger="moejax.checkpoint"):
+    assert evaluate_checkpoint(cfg, str(tmp_path), devices[:1])["step"] == 2
+  assert "checkpoints/4 is unreadable (ValueError: DATA_LOSS" in caplog.text
   err = capsys.readouterr().err
-  assert "checkpoints/4 is unreadable" in err
-  assert "using the checkpoint of step 2" in err and "not the newest" in err
+  assert "using the checkpoint of step 2" in err and "not the newest: see the warnings above" in err
 
 
 def test_unreadable_checkpoint_errors_name_the_real_cause():

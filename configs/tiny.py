@@ -1,4 +1,4 @@
-"""Tiny dense byte-level LM: trains on 2 CPU cores in a few minutes.
+"""Tiny dense byte-level LM: the default 400 steps take about 8 minutes on 2 CPU cores (measured under load).
 
   moejax train --config configs/tiny.py --workdir workdirs/tiny
 

@@ -9,7 +9,10 @@ when complete, so an interrupted save never replaces the last good
 checkpoint. What an interruption leaves behind (a temporary directory), and a
 finished checkpoint that no longer restores (e.g. a corrupted file), is
 reported and moved to ``workdir/checkpoints_set_aside/`` — never deleted and
-never picked — and the next older checkpoint is used instead.
+never picked — once an older checkpoint has restored in its place. When *no*
+checkpoint restores, nothing is moved: :class:`UnreadableCheckpointsError`
+names them, and only an explicit ``start_fresh`` (``moejax train
+--start_fresh``) sets them aside and lets the run begin again at step 0.
 """
 
 from __future__ import annotations
@@ -32,6 +35,40 @@ from moejax.tree_paths import flatten
 log = logging.getLogger(__name__)
 
 SET_ASIDE = "checkpoints_set_aside"
+
+
+class _DropUnretrievedFutures(logging.Filter):
+  """Drops asyncio's "Future exception was never retrieved" records.
+
+  A checkpoint whose files fail to read makes every pending Orbax/TensorStore
+  read fail; the first error is reported (see :func:`describe_error`) and
+  asyncio logs each of the others with a traceback (thousands of lines).
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
+
+
+_ASYNCIO_FILTER = _DropUnretrievedFutures()
+logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
+
+
+def describe_error(err: BaseException, limit: int = 300) -> str:
+  """``Type: message`` of the first exception in ``err``'s chain whose text is readable.
+
+  Some TensorStore/pybind11 errors print as ``<bound method
+  pybind11_detail_function_record...>``; the cause or context behind them says what failed.
+  """
+  seen, chain = set(), []
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    chain.append(err)
+    err = err.__cause__ or err.__context__
+  for e in chain:
+    text = " ".join(str(e).split())
+    if text and "pybind11" not in text and not text.startswith("<bound method"):
+      return f"{type(e).__name__}: {text[:limit]}"
+  return f"{type(chain[0]).__name__} (no readable message)"
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -74,7 +111,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
-    self.set_aside_log: list[str] = []
+    self.skipped: list[str] = []  # what was set aside, for the console
     if os.path.isdir(self.directory):
       for name in sorted(os.listdir(self.directory)):
         if not name.isdigit() and os.path.isdir(os.path.join(self.directory, name)):
@@ -87,7 +124,7 @@ class Checkpointer:
     """Moves ``checkpoints/name`` to ``checkpoints_set_aside/`` (process 0) and syncs."""
     message = f"checkpoint {os.path.join(self.directory, name)} is {reason}; moved to {SET_ASIDE}/"
     log.warning(message)
-    self.set_aside_log.append(message)
+    self.skipped.append(message)
     if jax.process_index() == 0:
       target_dir = os.path.join(self.workdir, SET_ASIDE)
       os.makedirs(target_dir, exist_ok=True)
@@ -132,20 +169,23 @@ class Checkpointer:
     tree = ocp.StandardCheckpointHandler().metadata(path)
     return leaf_paths(getattr(tree, "tree", tree))
 
-  def restore_latest(self, abstract_state, data_iterator=None):
+  def restore_latest(self, abstract_state, data_iterator=None, start_fresh: bool = False):
     """(step, state) of the newest checkpoint that restores, or (None, None).
 
     A checkpoint of another structure (another model, or an older moejax) is
-    an error, and nothing is moved. A checkpoint that fails to read is
-    reported and set aside, and the next older one is tried.
+    an error, and nothing is moved. Checkpoints newer than the one restored
+    that fail to read are reported and set aside. If checkpoints exist but
+    none restores, :class:`UnreadableCheckpointsError` is raised and nothing
+    is moved, unless ``start_fresh``: then they are all set aside and
+    ``(None, None)`` is returned. ``self.skipped`` lists the set-aside messages.
     """
     expected = leaf_paths(abstract_state)
+    failed: list[tuple[int, str]] = []
     for step in reversed(self.all_steps()):
       try:
         saved = self.saved_paths(step)
       except Exception as err:  # noqa: BLE001 — unreadable metadata: a damaged checkpoint
-        self._set_aside(str(step), f"unreadable ({type(err).__name__}: {str(err)[:200]})")
-        self._manager.reload()
+        failed.append((step, describe_error(err)))
         continue
       if saved != expected:
         extra, missing = sorted(saved - expected)[:3], sorted(expected - saved)[:3]
@@ -154,11 +194,27 @@ class Checkpointer:
             f"model's state (only in the checkpoint: {extra}; only in the model: {missing}). It was "
             "written by another model or moejax version; use a new --workdir.")
       try:
-        return step, self.restore(step, abstract_state, data_iterator)
+        state = self.restore(step, abstract_state, data_iterator)
       except Exception as err:  # noqa: BLE001 — any failure means this step is unusable
-        self._set_aside(str(step), f"unreadable ({type(err).__name__}: {str(err)[:200]})")
-        self._manager.reload()
+        failed.append((step, describe_error(err)))
+        continue
+      self._set_aside_failed(failed)
+      return step, state
+    if failed and not start_fresh:
+      listing = "; ".join(f"{os.path.join(self.directory, str(s))} ({why})" for s, why in failed)
+      raise UnreadableCheckpointsError(
+          f"none of the {len(failed)} checkpoints in {self.directory} can be read: {listing}. Nothing was "
+          "changed (metrics.jsonl and tensorboard/ are as they were). Either restore the checkpoints from a "
+          "backup and run again, or start this run over from step 0 with `moejax train ... --start_fresh` "
+          f"(the unreadable checkpoints are then moved to {SET_ASIDE}/ and the metrics past step 0 dropped).")
+    self._set_aside_failed(failed)
     return None, None
+
+  def _set_aside_failed(self, failed: list[tuple[int, str]]) -> None:
+    for step, why in failed:
+      self._set_aside(str(step), f"unreadable ({why})")
+    if failed:
+      self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until an asynchronous save is on disk."""
@@ -170,6 +226,10 @@ class Checkpointer:
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint whose structure does not match the model being restored."""
+
+
+class UnreadableCheckpointsError(RuntimeError):
+  """A workdir holds checkpoints and none of them restores (nothing was moved)."""
 
 
 def leaf_paths(tree) -> set[str]:

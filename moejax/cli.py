@@ -41,33 +41,54 @@ commands:
   sweep   --sweep FILE [--parallel N]: train every run of a sweep (arms x trials x
           seeds, resumable) under --workdir (default workdirs/sweep-<FILE name>) and
           write results.csv, results.md and plots comparing the arms
+  config  --config FILE [--config.FIELD=VALUE ...]: print the resolved, validated config
   convert --from-hf DIR --out WORKDIR [--dtype float32|bfloat16|float16]: a Hugging Face
           checkpoint (DeepSeek-V3/V3.2/V4, Qwen3-MoE, Mixtral) -> WORKDIR/config.py,
           config.json and an Orbax checkpoint that train/eval resume from
           --to-hf WORKDIR --out DIR [--model-type T] [--dtype D]: the newest checkpoint
           of WORKDIR -> config.json + safetensors that transformers loads
+
+moejax COMMAND --help lists a command's flags and examples. eval, generate and
+convert --to-hf read WORKDIR/config.json when --config is not given.
 """
 
 
-def _parse(command: str, argv: list[str], define_flags=None):
-  """(config, workdir, flag values); ``define_flags(fv)`` adds a command's own flags."""
+def _flag_values(argv: list[str], define_flags=None) -> flags.FlagValues:
   fv = flags.FlagValues()
   if define_flags:
     define_flags(fv)
   config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py[:variant]",
                                   flag_values=fv, lock_config=True, sys_argv=["moejax", *argv])
   flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config name>)", flag_values=fv)
+  return fv
+
+
+def _parse(command: str, argv: list[str], define_flags=None, config_from_workdir: bool = False):
+  """(config, workdir, flag values); ``define_flags(fv)`` adds a command's own flags.
+
+  ``config_from_workdir``: without --config, read WORKDIR/config.json (the run's own config).
+  """
+  fv = _flag_values(argv, define_flags)
   try:
     fv(["moejax " + command, *argv])
     cfg = fv["config"].value
+    saved = os.path.join(fv["workdir"].value or "", "config.json")
+    if cfg is None and config_from_workdir and fv["workdir"].value and os.path.exists(saved):
+      from moejax.interop.hf import workdir_config
+
+      print(f"moejax {command}: using config {saved} (no --config given)", file=sys.stderr)
+      return workdir_config(fv["workdir"].value), fv["workdir"].value, fv
     if cfg is None:
-      raise flags.Error("--config is required, e.g. --config configs/tiny.py")
+      raise flags.Error("--config is required, e.g. --config configs/tiny.py"
+                        + (" (or --workdir of a run, whose config.json is used)" if config_from_workdir else ""))
     cfg.get("model")  # ml-collections defers a failed load to the first access
   except OSError as err:  # ml-collections could not read or run the config file
     raise flags.Error(f"cannot load the --config file: {err}") from None
   except (AttributeError, KeyError) as err:  # ml-collections' error for a field that does not exist
     raise flags.Error(_unknown_field_message(argv, str(err))) from None
   workdir = fv["workdir"].value or _default_workdir(fv["config"].config_filename)
+  if command != "train":
+    print(f"moejax {command}: using config {fv['config'].config_filename}", file=sys.stderr)
   return cfg, workdir, fv
 
 
@@ -87,16 +108,23 @@ def _default_workdir(config_arg: str) -> str:
   return os.path.join("workdirs", name + (f"-{variant}" if variant else ""))
 
 
+def _train_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_boolean("start_fresh", False, "when every checkpoint in --workdir is unreadable: set them aside "
+                       "and train from step 0 (without it, the run stops and changes nothing)", flag_values=fv)
+
+
 def cmd_train(argv: list[str]) -> int:
+  from moejax.console import check_workdir
   from moejax.validation import validate
   from moejax.distributed import initialize
   from moejax.train import train
 
-  cfg, workdir, _ = _parse("train", argv)
+  cfg, workdir, fv = _parse("train", argv, _train_flags)
   validate(cfg)  # what can be checked before the devices are known
+  check_workdir(workdir)
   initialize(cfg.distributed)
-  print(f"moejax train: workdir {workdir}", file=sys.stderr)
-  train(cfg, workdir)
+  print(f"moejax train: workdir {workdir}, config {fv['config'].config_filename}", file=sys.stderr)
+  train(cfg, workdir, start_fresh=fv["start_fresh"].value)
   return 0
 
 
@@ -125,7 +153,7 @@ def cmd_eval(argv: list[str]) -> int:
   from moejax.evals import long_context
   from moejax.train import evaluate_checkpoint
 
-  cfg, workdir, fv = _parse("eval", argv, _eval_flags)
+  cfg, workdir, fv = _parse("eval", argv, _eval_flags, config_from_workdir=True)
   if fv["task"].value is None:
     results = evaluate_checkpoint(cfg, workdir)
     with open(os.path.join(workdir, "eval.json"), "w") as f:
@@ -158,7 +186,7 @@ def _generate_flags(fv: flags.FlagValues) -> None:
 def cmd_generate(argv: list[str]) -> int:
   from moejax.generate import generate_text
 
-  cfg, workdir, fv = _parse("generate", argv, _generate_flags)
+  cfg, workdir, fv = _parse("generate", argv, _generate_flags, config_from_workdir=True)
   prompts = list(fv["prompt"].value)
   if fv["prompt_file"].value:
     with open(fv["prompt_file"].value) as f:
@@ -174,6 +202,21 @@ def cmd_generate(argv: list[str]) -> int:
 def _sweep_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("sweep", None, "sweep file, e.g. experiments/sweeps/optimizers.py", flag_values=fv)
   flags.DEFINE_integer("parallel", 1, "runs at a time, each in its own process", flag_values=fv)
+  flags.DEFINE_boolean("quick", False, "a small version to try in minutes: one trial per arm (each grid's middle "
+                       "value), the first seed, no budget runs, 60 steps", flag_values=fv)
+
+
+def _overrides(cfg, argv: list[str]) -> dict:
+  """{"train.steps": 50, ...}: the --config.FIELD=VALUE overrides given, with their parsed values."""
+  out = {}
+  for arg in argv:
+    if arg.startswith("--config."):
+      field = arg[len("--config."):].split("=", 1)[0]
+      value = cfg
+      for key in field.split("."):
+        value = value[key]
+      out[field] = value
+  return out
 
 
 def cmd_sweep(argv: list[str]) -> int:
@@ -188,7 +231,8 @@ def cmd_sweep(argv: list[str]) -> int:
   progress.addHandler(logging.StreamHandler())
   progress.setLevel(logging.INFO)
   progress.propagate = False
-  run_sweep(cfg, fv["sweep"].value, workdir, fv["parallel"].value, command="moejax sweep " + " ".join(argv))
+  run_sweep(cfg, fv["sweep"].value, workdir, fv["parallel"].value, command="moejax sweep " + " ".join(argv),
+            overrides=_overrides(cfg, argv), quick_run=fv["quick"].value)
   with open(os.path.join(workdir, "results.md")) as f:
     print(f.read())
   return 0
@@ -199,7 +243,11 @@ def cmd_convert(argv: list[str]) -> int:
 
   from moejax.interop import hf
 
-  parser = argparse.ArgumentParser(prog="moejax convert", description="Hugging Face <-> moejax checkpoints.")
+  from moejax.cli_help import COMMANDS as HELP
+
+  parser = argparse.ArgumentParser(prog="moejax convert", description=HELP["convert"][0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="examples:\n" + "\n".join(f"  {e}" for e in HELP["convert"][1]))
   direction = parser.add_mutually_exclusive_group(required=True)
   direction.add_argument("--from-hf", metavar="DIR", help="a local HF checkpoint (config.json + *.safetensors)")
   direction.add_argument("--to-hf", metavar="WORKDIR", help="a moejax workdir (its newest checkpoint)")
@@ -216,28 +264,47 @@ def cmd_convert(argv: list[str]) -> int:
     config_py = hf.convert_from_hf(args.from_hf, args.out, dtype=args.dtype or "float32")
     print(f"wrote {args.out}; fine-tune with: moejax train --config {config_py} --workdir {args.out}")
   else:
+    print(f"moejax convert: using config {os.path.join(args.to_hf, 'config.json')}", file=sys.stderr)
     files = hf.convert_to_hf(args.to_hf, args.out, model_type=args.model_type, dtype=args.dtype)
     print(f"wrote {args.out}: config.json, {', '.join(files)}")
   return 0
 
 
+def cmd_config(argv: list[str]) -> int:
+  from moejax.config import to_json, validate
+
+  cfg, _, _ = _parse("config", argv)
+  validate(cfg)
+  print(to_json(cfg))
+  return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
-            "convert": cmd_convert, "distill": cmd_distill}
+            "convert": cmd_convert, "distill": cmd_distill, "config": cmd_config}
+FLAGS = {"train": _train_flags, "eval": _eval_flags, "generate": _generate_flags, "sweep": _sweep_flags}
 
 
 def main(argv: list[str] | None = None) -> int:
+  from moejax import cli_help
+
   argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] not in COMMANDS:
+  if not argv or argv[0] in ("-h", "--help", "help"):
     print(USAGE, file=sys.stderr)
-    return 0 if argv and argv[0] in ("-h", "--help", "help") else 2
-  from moejax.checkpoint import CheckpointMismatchError
+    return 0 if argv else 2
+  if argv[0] not in COMMANDS:
+    print(cli_help.unknown_command(argv[0], COMMANDS), file=sys.stderr)
+    return 2
+  if argv[0] != "convert" and ("--help" in argv or "-h" in argv):
+    print(cli_help.command_help(argv[0], _flag_values([], FLAGS.get(argv[0]))))
+    return 0
+  from moejax.checkpoint import CheckpointMismatchError, UnreadableCheckpointsError
   from moejax.config import ConfigError
   from moejax.train import NonFiniteError
 
   try:
     return COMMANDS[argv[0]](argv[1:])
-  except (flags.Error, ConfigError, CheckpointMismatchError, FileNotFoundError, KeyError,
-          NotImplementedError) as err:
+  except (flags.Error, ConfigError, CheckpointMismatchError, UnreadableCheckpointsError, FileNotFoundError,
+          KeyError, NotImplementedError) as err:
     print(f"moejax {argv[0]}: error: {err}", file=sys.stderr)
     return 2
   except NonFiniteError as err:

@@ -249,7 +249,7 @@ def generate_text(cfg, workdir: str, prompts: list[str], *, out=None, max_new_to
   Tokenizes with ``cfg.data.tokenizer`` (bos first, stops at its eos) and
   writes to ``out`` (a text stream, e.g. stdout) as tokens come: a single
   prompt streams token by token, several prompts (one batch) each print when
-  done. Returns the continuations.
+  done, under a ``=== prompt i of n ===`` label. Returns the continuations.
   """
   import numpy as np
 
@@ -284,8 +284,8 @@ def generate_text(cfg, workdir: str, prompts: list[str], *, out=None, max_new_to
       shown = text
   texts = [tok.decode(n) for n in new]
   if out and len(prompts) > 1:
-    for prompt, text in zip(prompts, texts):
-      out.write(f"{prompt}{text}\n\n")
+    for i, (prompt, text) in enumerate(zip(prompts, texts), 1):
+      out.write(f"=== prompt {i} of {len(prompts)} ===\n{prompt}{text}\n\n")
   elif out:
     out.write("\n")
   return texts

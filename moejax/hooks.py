@@ -37,7 +37,8 @@ class ExpertCollapseWatch:
   Reads the per-layer ``.../expert_load`` metrics (assignments per expert /
   mean, see ``moejax/layers/moe.py``); an expert below ``THRESHOLD`` for
   ``patience`` consecutive steps is reported once (again if it recovers and
-  collapses anew). ``patience`` is ``model.moe.collapse_steps`` (0: never).
+  collapses anew); experts of one layer that collapse at the same step share
+  one line. ``patience`` is ``model.moe.collapse_steps`` (0: never).
   """
 
   THRESHOLD = 0.01
@@ -59,11 +60,13 @@ class ExpertCollapseWatch:
     for name, load in jax.device_get(loads).items():
       streak = np.where(np.asarray(load) < self.THRESHOLD, self.streaks.get(name, 0) + 1, 0)
       self.streaks[name] = streak
-      for expert in np.flatnonzero(streak == self.patience):
+      experts = np.flatnonzero(streak == self.patience).tolist()
+      if experts:  # one line per layer and event, naming every expert that collapsed at this step
         warnings.append(
-            f"step {step}: {name.rsplit('/', 1)[0]} expert {expert} has received under {self.THRESHOLD:.0%} of the "
-            f"mean load for {self.patience} steps in a row (collapsed). Balance the router: "
-            "model.moe.score_bias=True (aux-loss-free bias) or a larger bias_update_rate / load_balance_weight.")
+            f"step {step}: {name.rsplit('/', 1)[0]} experts {experts} ({len(experts)} of {streak.size}) have "
+            f"received under {self.THRESHOLD:.0%} of the mean load for {self.patience} steps in a row (collapsed). "
+            "Balance the router: model.moe.score_bias=True (aux-loss-free bias) or a larger bias_update_rate / "
+            "load_balance_weight.")
     for message in warnings:
       log.warning(message)
     return warnings

@@ -52,7 +52,8 @@ class MetricsWriter:
     self._jsonl = open(self.jsonl_path, "a")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
     self._tokens_per_step = tokens_per_step
-    self._last = self._start = (start_step, time.perf_counter())
+    self._last = (start_step, time.perf_counter())
+    self._first: tuple[int, float] | None = None  # the first logged step: the ETA's clock starts after compiling
     self._interactive = sys.stderr.isatty()
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                           disable=not self._interactive)
@@ -63,6 +64,7 @@ class MetricsWriter:
     if step > last_step:
       metrics = dict(metrics, tokens_per_s=(step - last_step) * self._tokens_per_step / (now - last_time))
     self._last = (step, now)
+    self._first = self._first or (step, now)
     record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
@@ -84,10 +86,15 @@ class MetricsWriter:
       self._bar.update(step - self._bar.n)
       self._bar.set_postfix_str(text)
     else:
-      start_step, start_time = self._start
-      rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
-      eta = (self._bar.total - step) / rate if rate > 0 else float("inf")
-      print(f"step {step}/{self._bar.total} {text} eta={eta:.0f}s", file=sys.stderr, flush=True)
+      print(f"step {step}/{self._bar.total} {text} eta={self.eta(step)}", file=sys.stderr, flush=True)
+
+  def eta(self, step: int) -> str:
+    """Seconds left at the rate since the first logged step (so not counting compilation), or "?"."""
+    first_step, first_time = self._first or (step, 0.0)
+    if step <= first_step:
+      return "?"
+    rate = (step - first_step) / max(time.perf_counter() - first_time, 1e-9)
+    return f"{(self._bar.total - step) / rate:.0f}s"
 
   def close(self) -> None:
     self._bar.close()

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from moejax import config as config_lib
+from moejax import console
 from moejax.checkpoint import Checkpointer
 from moejax.experiment import Experiment
 from moejax.hooks import INJECT_NAN_ENV, ExpertCollapseWatch, LoopHook, default_hooks
@@ -67,7 +68,7 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment: Experiment | None = None,
-          hooks: Sequence[LoopHook] | None = None) -> TrainState:
+          hooks: Sequence[LoopHook] | None = None, start_fresh: bool = False) -> TrainState:
   """Trains ``cfg`` in ``workdir``, resuming from its newest good checkpoint.
 
   Leaves ``config.json``, ``metrics.jsonl``, ``tensorboard/`` and
@@ -76,8 +77,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
   ``experiment`` (built from ``cfg``) replaces the default :class:`Experiment`,
   e.g. a distillation experiment with its own objective and data. ``hooks``
   (default :func:`moejax.hooks.default_hooks`) see each batch before its step
-  and its metrics after it.
+  and its metrics after it. If the workdir holds checkpoints and none
+  restores, this raises ``UnreadableCheckpointsError`` and changes nothing,
+  unless ``start_fresh``.
   """
+  console.check_workdir(workdir)
   exp = experiment or Experiment(cfg, devices)
   t = cfg.train
   data = exp.data_iterator("train")
@@ -86,10 +90,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
   check_workdir(cfg, workdir)
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-  start, state = ckpt.restore_latest(exp.abstract_state, data)
-  if state is None:
-    start, state = 0, exp.init_state()
+  saved_config = console.read_saved_config(workdir)
+  try:
+    start, state = ckpt.restore_latest(exp.abstract_state, data, start_fresh=start_fresh)
+  except BaseException:
+    ckpt.close()
+    raise
+  restored = state is not None
+  if not restored:
+    start, state, data = 0, exp.init_state(), exp.data_iterator("train")  # a failed restore may have moved data
   primary = jax.process_index() == 0
+  console.report_start(workdir, cfg, start if restored else None, ckpt.directory, saved_config, ckpt.skipped,
+                       primary)
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
@@ -111,6 +123,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
           hook.after_step(step, metrics)
         evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
         eval_metrics = exp.evaluate(state, t.eval_batches) if evaluating else {}
+        if evaluating and primary:
+          console.router_summary(step, jax.device_get(metrics))
         if writer and (step % t.log_every == 0 or step == t.steps or evaluating):
           writer.write(step, {**jax.device_get(metrics), **eval_metrics})
         stopping = stop.should_stop(step)
@@ -124,6 +138,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
     ckpt.close()
     if writer:
       writer.close()
+  if primary:
+    console.closing_summary(workdir, cfg)
   return state
 
 
@@ -157,13 +173,18 @@ def _handle_nonfinite(exp: Experiment, ckpt: Checkpointer, state: TrainState, st
 
 def load_checkpoint(cfg: ml_collections.ConfigDict, workdir: str, devices=None):
   """(Experiment, step, state) of the newest good checkpoint in ``workdir``."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    raise FileNotFoundError(f"no checkpoint in {directory}; train first with "
+                            f"`moejax train --workdir {workdir} ...`.")
   exp = Experiment(cfg, devices)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  step, state = ckpt.restore_latest(exp.abstract_state)
-  ckpt.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first with "
-                            f"`moejax train --workdir {workdir} ...`.")
+  try:
+    step, state = ckpt.restore_latest(exp.abstract_state)
+  finally:
+    ckpt.close()
+  console.say(f"moejax: using the checkpoint of step {step} ({os.path.join(ckpt.directory, str(step))})"
+              + (", not the newest: see the warnings above" if ckpt.skipped else ""))
   return exp, step, state
 
 

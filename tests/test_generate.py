@@ -137,4 +137,11 @@ def test_cli_streams_a_continuation_of_a_trained_checkpoint(tmp_path):
                "--max_new_tokens", "12", "--temperature", "0", "--prefill_chunk", "4")
   assert out.returncode == 0, out.stderr
   assert out.stdout.count("def main(") == 1 and out.stdout.count("import os") == 1
+  # Each prompt's continuation is printed under its label, in order.
+  first, second = out.stdout.split("=== prompt 2 of 2 ===\n")
+  assert first.startswith("=== prompt 1 of 2 ===\ndef main(") and second.startswith("import os\n")
   assert os.path.isdir(wd)
+  # Without --config, generate reads the run's config.json and says so.
+  out = moejax("generate", "--workdir", wd, "--prompt", "x", "--max_new_tokens", "2", "--temperature", "0")
+  assert out.returncode == 0, out.stderr
+  assert f"using config {os.path.join(wd, 'config.json')}" in out.stderr

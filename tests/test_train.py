@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import chex
 import jax
@@ -82,6 +83,11 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path, devices, monkeypatch):
   a, b = _jsonl(tmp_path / "straight" / "metrics.jsonl"), _jsonl(tmp_path / "resumed" / "metrics.jsonl")
   assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
   assert [r["loss"] for r in a] == [r["loss"] for r in b]
+  # The rerun restored the checkpoint of step 4, the last one written before the crash.
+  from moejax.console import read_runs
+
+  assert [(r["status"], r["restored_step"]) for r in read_runs(str(tmp_path / "resumed"))] == [
+      ("fresh", 0), ("resumed", 4)]
 
 
 def test_workdir_holds_config_metrics_tensorboard_and_checkpoints(tmp_path, devices):
@@ -114,5 +120,39 @@ def test_expert_collapse_warning_fires_once_per_collapse():
   loads = [starved] * 4 + [healthy] + [starved] * 3
   fired = [watch.update(step, {"layer_1/mlp/expert_load": load, "loss": 1.0}) for step, load in enumerate(loads, 1)]
   assert [len(w) for w in fired] == [0, 0, 1, 0, 0, 0, 0, 1]
-  assert "layer_1/mlp expert 1" in fired[2][0] and "model.moe.score_bias" in fired[2][0]
+  assert "layer_1/mlp experts [1] (1 of 4)" in fired[2][0] and "model.moe.score_bias" in fired[2][0]
+  # Several experts of one layer collapsing together: one line for the layer, one per layer.
+  two_dead = np.array([2.0, 0.0, 0.0, 2.0])
+  watch = ExpertCollapseWatch(patience=2)
+  fired = [watch.update(step, {"layer_1/mlp/expert_load": two_dead, "layer_2/mlp/expert_load": two_dead})
+           for step in (1, 2)]
+  assert fired[0] == [] and len(fired[1]) == 2
+  assert "step 2: layer_1/mlp experts [1, 2] (2 of 4)" in fired[1][0] and "layer_2/mlp experts [1, 2]" in fired[1][1]
   assert ExpertCollapseWatch(patience=0).update(1, {"layer_1/mlp/expert_load": starved}) == []
+
+
+def test_eta_counts_from_the_first_logged_step_not_from_compilation(tmp_path, monkeypatch, capsys):
+  from moejax import metrics as metrics_lib
+
+  # Clock reads: opening, step 1 logged after a 100 s compile, step 2 logged 2 s later, the ETA's own read.
+  clock = iter([0.0, 100.0, 102.0, 102.0])
+  monkeypatch.setattr(metrics_lib, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+  writer = metrics_lib.MetricsWriter(str(tmp_path), 0, 11, 16)
+  writer.write(1, {"loss": 2.0})
+  writer.write(2, {"loss": 1.9})  # 1 step in 2 s since step 1: 9 steps left -> 18 s
+  writer.close()
+  lines = capsys.readouterr().err.splitlines()
+  assert lines[0].endswith("eta=?") and lines[1].endswith("eta=18s")
+
+
+def test_start_line_and_run_record_for_a_finished_run(tmp_path, devices, capsys):
+  from moejax.console import read_runs
+
+  cfg = small_train_cfg(steps=2, checkpoint_every=2)
+  train(cfg, str(tmp_path), devices[:1])
+  train(cfg, str(tmp_path), devices[:1])
+  err = capsys.readouterr().err
+  assert "starting fresh: step 0 of 2" in err
+  assert f"already finished at step 2 (train.steps=2; checkpoint {tmp_path / 'checkpoints' / '2'})" in err
+  assert [(r["status"], r["restored_step"]) for r in read_runs(str(tmp_path))] == [("fresh", 0), ("finished", 2)]
+  assert [r["step"] for r in _jsonl(tmp_path / "metrics.jsonl")] == [1, 2]

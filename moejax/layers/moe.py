@@ -17,8 +17,9 @@ Parameters (names other code relies on):
 Sown: ``aux_loss`` (the weighted balance losses and z-loss) and ``metrics``:
 ``expert_load [E]`` (assignments per expert / mean; 1 = balanced),
 ``load_max_over_mean``, ``load_min_over_mean``, ``dropped_fraction``,
-``router_entropy`` (nats) and the unweighted ``load_balance_loss``,
-``seq_balance_loss``, ``z_loss``.
+``router_entropy`` (nats), the raw (unweighted) ``load_balance_loss``,
+``seq_balance_loss``, ``z_loss``, and each times its config weight as
+``<name>_weighted``: what entered the objective (their sum is the layer's ``aux_loss``).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class MoE(nn.Module):
         "dropped_fraction": dropped / jnp.maximum(jnp.sum(counts_E), 1.0),
         "router_entropy": -jnp.mean(jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), -1)),
         **{name: value for name, (_, value) in losses.items()},
+        **{f"{name}_weighted": weight * value for name, (weight, value) in losses.items()},
     }
     for name, value in metrics.items():
       self.sow("metrics", name, jax.lax.stop_gradient(value))

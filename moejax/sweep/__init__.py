@@ -1,6 +1,7 @@
 """Optimizer (or any config) sweeps: grid, resumable runs, fair comparison, report.
 
   moejax sweep --config configs/tiny.py --sweep experiments/sweeps/optimizers.py [--workdir W] [--parallel N]
+      [--quick] [--config.FIELD=VALUE ...]   (overrides apply to every run; see docs/cli.md)
 
 From Python: ``run_sweep(load_config("configs/tiny.py"), "experiments/sweeps/optimizers.py",
 "workdirs/sweep")``. See :mod:`moejax.sweep.spec` for the sweep file and

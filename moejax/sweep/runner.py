@@ -24,7 +24,8 @@ import ml_collections
 from moejax import config as config_lib
 from moejax.sweep.analysis import Comparison, Curve, RunResult, read_run, steps_to_reach, summarize
 from moejax.sweep.report import write_csv, write_markdown, write_plots
-from moejax.sweep.spec import Run, Sweep, budget_runs, load_sweep, main_runs, run_config, tokens_per_step
+from moejax.sweep.spec import (Run, Sweep, budget_runs, check_command_line, load_sweep, main_runs, quick,
+                               run_config, tokens_per_step)
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -112,8 +113,8 @@ def _empty(run: Run) -> RunResult:
   return RunResult(run, Curve(nothing, nothing, nothing, nothing), math.inf, math.inf, 0.0)
 
 
-def _plan(runs: list[Run], sweep: Sweep, base_cfg, base_steps: int | None = None):
-  overrides = {r.name: r.overrides(sweep, base_steps or 0) for r in runs}
+def _plan(runs: list[Run], sweep: Sweep, base_cfg, base_steps: int | None = None, command_line=None):
+  overrides = {r.name: r.overrides(sweep, base_steps or 0, command_line) for r in runs}
   cfgs = {r.name: run_config(base_cfg, overrides[r.name], r.name) for r in runs}
   return cfgs, overrides
 
@@ -136,20 +137,25 @@ def _shared_compilations(workdir: str):
 
 
 def run_sweep(base_cfg: ml_collections.ConfigDict, sweep: Sweep | str, workdir: str, parallel: int = 1,
-              command: str = "") -> Comparison:
+              command: str = "", overrides: dict | None = None, quick_run: bool = False) -> Comparison:
   """Runs (or resumes) the sweep in ``workdir`` and writes results.csv, results.md, plots.
 
+  ``overrides`` ({"train.steps": 50}, the command line's --config.FIELD flags)
+  apply to every run over the sweep file's settings; fields an arm fixes or
+  tunes are refused. ``quick_run``: the sweep shrunk by :func:`quick`.
   Every run's config is built and validated before anything trains.
   """
   sweep = load_sweep(sweep) if isinstance(sweep, str) else sweep
+  sweep = quick(sweep) if quick_run else sweep
+  check_command_line(sweep, overrides or {})
   os.makedirs(workdir, exist_ok=True)
   with _shared_compilations(workdir):
-    return _run(base_cfg, sweep, workdir, parallel, command)
+    return _run(base_cfg, sweep, workdir, parallel, command, overrides or {})
 
 
-def _run(base_cfg, sweep: Sweep, workdir: str, parallel: int, command: str) -> Comparison:
+def _run(base_cfg, sweep: Sweep, workdir: str, parallel: int, command: str, command_line: dict) -> Comparison:
   runs = main_runs(sweep)
-  cfgs, overrides = _plan(runs, sweep, base_cfg)
+  cfgs, overrides = _plan(runs, sweep, base_cfg, command_line=command_line)
   budgets = {(c.train.steps, tokens_per_step(c)) for c in cfgs.values()}
   if len(budgets) > 1:
     raise config_lib.ConfigError(f"the compared runs train for different (steps, tokens per step) {sorted(budgets)}; "
@@ -164,7 +170,7 @@ def _run(base_cfg, sweep: Sweep, workdir: str, parallel: int, command: str) -> C
     best = min(trials, key=lambda t: statistics.median(r.final_eval_loss for r in base if r.run.trial == t))
     extra = budget_runs(sweep, best)
     base_steps = cfgs[next(r for r in runs if r.arm == sweep.baseline and r.trial == best).name].train.steps
-    extra_cfgs, extra_overrides = _plan(extra, sweep, base_cfg, base_steps)
+    extra_cfgs, extra_overrides = _plan(extra, sweep, base_cfg, base_steps, command_line)
     _execute(extra, extra_cfgs, extra_overrides, workdir, parallel)
     results += _results(extra, extra_cfgs, workdir)
     cfgs.update(extra_cfgs)
@@ -180,6 +186,7 @@ def _run(base_cfg, sweep: Sweep, workdir: str, parallel: int, command: str) -> C
   plots = write_plots(workdir, comparison)
   header = ("# Sweep results\n\n"
             + (f"`{command}`\n\n" if command else "")
+            + (f"Applied to every run from the command line: {command_line}.\n\n" if command_line else "")
             + f"{len(sweep.arms)} arms x {len(sweep.arms[sweep.baseline].trials())} trials x {len(sweep.seeds)} "
             f"seeds ({len(runs)} runs) + {len(results) - len(runs)} baseline budget runs; "
             f"{first.train.steps} steps of {tokens_per_step(first):,} tokens, validation every "

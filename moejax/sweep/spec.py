@@ -72,8 +72,9 @@ class Run:
     suffix = "" if self.budget == 1.0 else f"_x{_fmt(self.budget)}"
     return f"{self.arm}/{re.sub(r'[^A-Za-z0-9=._-]', '-', key)}_s{self.seed}{suffix}"
 
-  def overrides(self, sweep: Sweep, base_steps: int) -> dict[str, Any]:
-    out = {**sweep.common, **sweep.arms[self.arm].fixed, **self.trial, "seed": self.seed}
+  def overrides(self, sweep: Sweep, base_steps: int, command_line: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's config fields: sweep.common < arm.fixed < trial < seed < ``command_line`` < budget steps."""
+    out = {**sweep.common, **sweep.arms[self.arm].fixed, **self.trial, "seed": self.seed, **(command_line or {})}
     if self.budget != 1.0:
       out["train.steps"] = max(1, int(round(base_steps * self.budget)))
     return out
@@ -116,6 +117,33 @@ def check_sweep(sweep: Sweep) -> None:
     e.append(f"sweep.budgets={sweep.budgets} must be positive multiples of train.steps other than 1.")
   if e:
     raise config_lib.ConfigError("invalid sweep:\n  - " + "\n  - ".join(e))
+
+
+# --quick: what a sweep is shrunk to so that a user can try it in minutes.
+QUICK_COMMON = {"train.steps": 60, "train.eval_every": 20, "train.eval_batches": 2, "train.log_every": 10,
+                "train.checkpoint_every": 60, "optim.warmup_steps": 6}
+
+
+def quick(sweep: Sweep) -> Sweep:
+  """One trial per arm (the middle value of each grid list), the first seed, no budget runs, 60 steps."""
+  arms = {name: Arm(arm.fixed, {field: [values[len(values) // 2]] for field, values in arm.grid.items()})
+          for name, arm in sweep.arms.items()}
+  return dataclasses.replace(sweep, arms=arms, common={**sweep.common, **QUICK_COMMON}, seeds=sweep.seeds[:1],
+                             budgets=())
+
+
+def check_command_line(sweep: Sweep, command_line: dict[str, Any]) -> None:
+  """Refuses --config.FIELD overrides of fields an arm fixes or tunes (they are what the sweep compares)."""
+  compared: dict[str, str] = {}
+  for name, arm in sweep.arms.items():
+    for field in (*arm.fixed, *arm.grid):
+      compared.setdefault(field, name)
+  clash = [f"--config.{field} (set by arm {compared[field]!r})" for field in command_line if field in compared]
+  if clash:
+    raise config_lib.ConfigError(
+        f"{', '.join(clash)}: the sweep's arms set these fields, so a command-line value would erase the "
+        "comparison; change them in the sweep file (or drop the flag). Other --config.FIELD flags apply to "
+        "every run.")
 
 
 def run_config(base: ml_collections.ConfigDict, overrides: dict[str, Any], run_name: str) -> ml_collections.ConfigDict:

@@ -200,6 +200,8 @@ def test_aux_losses_are_weighted_from_config_and_zero_by_default():
   m = {k: float(v[0]) for k, v in sown["metrics"].items() if k != "expert_load"}
   expected = 0.01 * m["load_balance_loss"] + 0.001 * m["seq_balance_loss"] + 1e-3 * m["z_loss"]
   np.testing.assert_allclose(float(sown["aux_loss"]["moe"][0]), expected, rtol=1e-6)
+  for name, weight in [("load_balance_loss", 0.01), ("seq_balance_loss", 0.001), ("z_loss", 1e-3)]:
+    np.testing.assert_allclose(m[f"{name}_weighted"], weight * m[name], rtol=1e-6)
   load = np.asarray(sown["metrics"]["expert_load"][0])
   assert load.shape == (E,) and np.isclose(load.mean(), 1.0)
   np.testing.assert_allclose(m["load_max_over_mean"], load.max(), rtol=1e-6)

@@ -55,6 +55,13 @@ def records(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.endswith("\n")]
 
 
+def runs(workdir: str) -> list[dict]:
+  """One record per start of ``moejax train`` (``restored_step``, ``status``, ...; see moejax/console.py)."""
+  from moejax.console import read_runs
+
+  return read_runs(workdir)
+
+
 def losses(workdir: str) -> list[tuple[int, float]]:
   return [(r["step"], r["loss"]) for r in records(workdir)]
 
@@ -90,7 +97,8 @@ def kill_trial(reference: str, workdir: str, seed: int, during_save: bool, async
   written), reruns it, and compares with the uninterrupted ``reference``.
 
   ``finished_before_kill``: the newest complete checkpoint on disk just
-  before the kill; the rerun must resume from exactly that one.
+  before the kill; the rerun must report (``resumed_from``, from its
+  ``runs.jsonl`` record) that it restored exactly that one.
   """
   extra = () if async_save else ("--config.train.async_checkpoint=False",)
   target = random.Random(seed).randrange(2, STEPS - 2)
@@ -105,15 +113,16 @@ def kill_trial(reference: str, workdir: str, seed: int, during_save: bool, async
       break
     time.sleep(0.002)
   proc.wait()
-  resumed_from = (finished_steps(workdir) or [0])[-1]
   rerun = run(workdir, *extra)
+  # What the rerun itself says it restored (its runs.jsonl record), not what the directory shows.
+  resumed_from = runs(workdir)[-1]["restored_step"] if rerun.returncode == 0 else None
   exact = rerun.returncode == 0 and losses(workdir) == losses(reference)
   if exact:
     ref, got = final_params(reference), final_params(workdir)
     exact = all(np.array_equal(a, b) for a, b in zip(_leaves(ref), _leaves(got), strict=True))
   return {"seed": seed, "async_save": async_save, "during_save": during_save, "killed_at": killed_at, "resumed_from": resumed_from,
           "finished_before_kill": finished_before_kill,
-          "lost_steps": None if killed_at is None else killed_at - resumed_from, "exact": exact,
+          "lost_steps": None if killed_at is None or resumed_from is None else killed_at - resumed_from, "exact": exact,
           "set_aside": os.path.isdir(os.path.join(workdir, "checkpoints_set_aside")),
           "stderr": rerun.stderr[-2000:]}
 

@@ -1,6 +1,7 @@
 """In-process faults: NaN/Inf steps under each policy, corrupted checkpoints,
 and restoring onto other meshes."""
 
+import logging
 import os
 
 import chex
@@ -9,13 +10,14 @@ import numpy as np
 import pytest
 
 from moejax import checkpoint
-from moejax.checkpoint import Checkpointer
-from moejax.train import INJECT_NAN_ENV, Experiment, NonFiniteError, train
+from moejax.checkpoint import Checkpointer, UnreadableCheckpointsError, describe_error
+from moejax.console import read_runs
+from moejax.train import INJECT_NAN_ENV, Experiment, NonFiniteError, evaluate_checkpoint, train
 from tests.test_train import small_train_cfg
 
 
-def _cfg(**train_fields):
-  cfg = small_train_cfg(steps=8, checkpoint_every=2, **train_fields)
+def _cfg(steps=8, **train_fields):
+  cfg = small_train_cfg(steps=steps, checkpoint_every=2, **train_fields)
   cfg.train.keep_checkpoints = 4
   return cfg
 
@@ -96,6 +98,94 @@ def test_corrupted_newest_checkpoint_falls_back_exactly(tmp_path, devices, monke
   resumed = train(cfg, str(tmp_path / "run"), devices[:1])
   chex.assert_trees_all_equal(jax.device_get(resumed.params), jax.device_get(straight.params))
   assert (tmp_path / "run" / "checkpoints_set_aside" / "6").is_dir()
+  # The run says what it restored: the newest readable checkpoint (4), 2 steps before the crash at 6.
+  first, second = read_runs(str(tmp_path / "run"))
+  assert (first["status"], first["restored_step"]) == ("fresh", 0)
+  assert (second["status"], second["restored_step"]) == ("resumed", 4)
+  assert second["checkpoint"].endswith(os.path.join("checkpoints", "4"))
+  assert "checkpoints/6 is unreadable" in second["set_aside"][0]
+
+
+def _corrupt(checkpoint_dir):
+  """Overwrites the array data of a checkpoint (its metadata stays readable)."""
+  for root, _, files in os.walk(checkpoint_dir / "state"):
+    for name in files:
+      if name not in ("_METADATA", "_CHECKPOINT_METADATA", "_sharding") and "array_metadatas" not in root:
+        path = os.path.join(root, name)
+        with open(path, "r+b") as f:
+          f.write(os.urandom(max(os.path.getsize(path), 16)))
+
+
+def _snapshot(workdir):
+  return {os.path.relpath(os.path.join(root, n), workdir): open(os.path.join(root, n), "rb").read()
+          for root, _, files in os.walk(workdir) for n in files}
+
+
+def test_all_checkpoints_unreadable_stops_and_changes_nothing(tmp_path, devices, capsys):
+  cfg = _cfg(steps=4)
+  train(cfg, str(tmp_path), devices[:1])
+  for step in ("2", "4"):
+    _corrupt(tmp_path / "checkpoints" / step)
+  before = _snapshot(tmp_path)
+  cfg.train.steps = 6
+  with pytest.raises(UnreadableCheckpointsError) as err:
+    train(cfg, str(tmp_path), devices[:1])
+  message = str(err.value)
+  for step in ("2", "4"):
+    assert os.path.join(str(tmp_path), "checkpoints", step) + " (ValueError: DATA_LOSS" in message
+  assert "backup" in message and "--start_fresh" in message and "pybind11" not in message
+  assert _snapshot(tmp_path) == before  # metrics.jsonl, tensorboard/, checkpoints/ and runs.jsonl untouched
+  capsys.readouterr()
+
+  train(cfg, str(tmp_path), devices[:1], start_fresh=True)  # the explicit choice: begin again
+  assert sorted(os.listdir(tmp_path / "checkpoints_set_aside")) == ["2", "4"]
+  assert read_runs(str(tmp_path))[-1]["status"] == "fresh"
+  assert "starting fresh: step 0 of 6" in capsys.readouterr().err
+
+
+def test_eval_of_a_corrupt_newest_checkpoint_says_which_step_it_used(tmp_path, devices, capsys, caplog):
+  cfg = _cfg(steps=4)
+  train(cfg, str(tmp_path), devices[:1])
+  _corrupt(tmp_path / "checkpoints" / "4")
+  capsys.readouterr()
+  with caplog.at_level(logging.WARNING, logger="moejax.checkpoint"):
+    assert evaluate_checkpoint(cfg, str(tmp_path), devices[:1])["step"] == 2
+  assert "checkpoints/4 is unreadable (ValueError: DATA_LOSS" in caplog.text
+  err = capsys.readouterr().err
+  assert "using the checkpoint of step 2" in err and "not the newest: see the warnings above" in err
+
+
+def test_unreadable_checkpoint_errors_name_the_real_cause():
+  def raise_chain():
+    try:
+      raise OSError("Error reading local file /w/checkpoints/4/state/d/abc: unexpected end of file")
+    except OSError as cause:
+      raise ValueError("<bound method pybind11_detail_function_record_v1_system_libstdcpp.__repr__>") from cause
+
+  with pytest.raises(ValueError) as err:
+    raise_chain()
+  assert describe_error(err.value) == ("OSError: Error reading local file /w/checkpoints/4/state/d/abc: "
+                                       "unexpected end of file")
+  assert describe_error(ValueError("DATA_LOSS: bad\n  crc")) == "ValueError: DATA_LOSS: bad crc"
+
+
+def test_asyncio_never_retrieved_future_noise_is_silenced(caplog):
+  import asyncio
+  import gc
+
+  async def failing():
+    raise ValueError("a failed TensorStore read")
+
+  async def start_and_drop():
+    task = asyncio.ensure_future(failing())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    del task
+
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    asyncio.run(start_and_drop())
+    gc.collect()
+  assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
 @pytest.mark.multidevice

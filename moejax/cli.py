@@ -42,7 +42,7 @@ commands:
           seeds, resumable) under --workdir (default workdirs/sweep-<FILE name>) and
           write results.csv, results.md and plots comparing the arms
   convert --from-hf DIR --out WORKDIR [--dtype float32|bfloat16|float16]: a Hugging Face
-          checkpoint (DeepSeek-V3/V3.2/V4, Qwen3-MoE, Mixtral) -> WORKDIR/config.py,
+          checkpoint (DeepSeek-V3/V3.2/V4, GLM-4-MoE, Qwen3-MoE, Mixtral, Qwen3, Llama) -> WORKDIR/config.py,
           config.json and an Orbax checkpoint that train/eval resume from
           --to-hf WORKDIR --out DIR [--model-type T] [--dtype D]: the newest checkpoint
           of WORKDIR -> config.json + safetensors that transformers loads

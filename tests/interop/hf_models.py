@@ -58,6 +58,16 @@ CASES = {
     "mixtral-sliding": ("MixtralConfig", dict(
         num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=3, sliding_window=5,
         **_GQA), 32),
+    # Dense: Llama (tied embeddings, GQA), Qwen3 (q/k norms, one sliding and one full layer).
+    "llama-tied": ("LlamaConfig", dict(num_hidden_layers=2, intermediate_size=48, tie_word_embeddings=True, **_GQA), 32),
+    "qwen3-sliding_full": ("Qwen3Config", dict(
+        num_hidden_layers=2, intermediate_size=48, head_dim=16, use_sliding_window=True, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"], **_GQA), 32),
+    # GLM-4-MoE: DeepSeek-V3 routing on GQA with q/k norms and half-rotated heads.
+    "glm4_moe-qk_norm_partial_rope": ("Glm4MoeConfig", dict(
+        num_hidden_layers=2, first_k_dense_replace=1, n_group=4, topk_group=2, intermediate_size=48, use_qk_norm=True,
+        head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        num_nextn_predict_layers=0, **_DS_MOE, **_GQA), 32),
 }
 
 

@@ -350,6 +350,14 @@ def convert_from_hf(hf_dir: str, workdir: str, dtype: str = "float32", config_ov
   else:
     log.warning("no tokenizer files in %s (nothing is downloaded): data.tokenizer stays %r; set "
                 "--config.data.tokenizer=PATH to the model's tokenizer.json before training.", hf_dir, cfg.data.tokenizer)
+    from moejax.data import tokenizer_vocab_size
+
+    vocab = tokenizer_vocab_size(cfg.data.tokenizer)
+    if cfg.model.vocab_size < vocab:  # the embedding's rows are fixed by the checkpoint: only the tokenizer can change
+      raise config_lib.ConfigError(
+          f"{hf_dir}: the checkpoint's vocabulary (vocab_size={cfg.model.vocab_size}) is smaller than the "
+          f"{cfg.data.tokenizer!r} tokenizer's {vocab} ids, so the workdir could not train; put the model's own "
+          f"tokenizer.json (or tokenizer.model) next to its config.json. hf.load reads it without a tokenizer.")
   exp = Experiment(cfg, devices)
   shardings = exp.state_shardings
   variables = load_variables(hf_dir, exp.model, hf_config, shardings={"params": shardings.params,

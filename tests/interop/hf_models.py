@@ -59,7 +59,8 @@ CASES = {
         num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=3, sliding_window=5,
         **_GQA), 32),
     # Dense: Llama (tied embeddings, GQA), Qwen3 (q/k norms, one sliding and one full layer).
-    "llama-tied": ("LlamaConfig", dict(num_hidden_layers=2, intermediate_size=48, tie_word_embeddings=True, **_GQA), 32),
+    "llama-tied": ("LlamaConfig", dict(
+        num_hidden_layers=2, intermediate_size=48, tie_word_embeddings=True, **_GQA), 32),
     "qwen3-sliding_full": ("Qwen3Config", dict(
         num_hidden_layers=2, intermediate_size=48, head_dim=16, use_sliding_window=True, sliding_window=5,
         layer_types=["sliding_attention", "full_attention"], **_GQA), 32),

@@ -52,20 +52,23 @@ class Llama(_Dense):
 @ARCHS.register("qwen3")
 class Qwen3(_Dense):
   model_type, architecture, qk_norm, one_attention_kind = "qwen3", "Qwen3ForCausalLM", True, False
-  ignored = frozenset({"max_window_layers", "use_sliding_window"})  # both only derive layer_types
+  ignored = frozenset({"max_window_layers"})  # read only to derive a missing layer_types
 
   def model_config(self, f: HFFields) -> dict:
     model = common_model(f)
     n = model["num_layers"]
-    layer_types = f("layer_types", None) or ["full_attention"] * n
+    size = f("sliding_window", None) if f("use_sliding_window", False) else None  # as transformers' Qwen3Config
+    f.used.add("sliding_window")
+    layer_types = f("layer_types", None) or [
+        "sliding_attention" if size is not None and i >= f("max_window_layers", 28) else "full_attention"
+        for i in range(n)]
     unknown = sorted(set(layer_types) - set(LAYER_TYPES))
     if unknown:
       raise unsupported("qwen3 model", "attention_types", unknown, f"layer_types entries are {sorted(LAYER_TYPES)}.")
     types = tuple(LAYER_TYPES[t] for t in layer_types)
-    size = f("sliding_window", None) if "sliding" in types else None
     if "sliding" in types and not size:
-      raise unsupported("qwen3 model", "attention.window", size, "sliding_attention layers need sliding_window.")
-    f.used.add("sliding_window")
+      raise unsupported("qwen3 model", "attention.window", size, "sliding_attention layers need use_sliding_window "
+                        "and a sliding_window.")
     model.update(self.attention_model(f, dict(attention_types=types, window=size or WINDOW_DEFAULT)))
     return dict(model, mlp_types=("dense",), ffn_dim=f("intermediate_size"))
 

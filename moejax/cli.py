@@ -43,7 +43,7 @@ commands:
           write results.csv, results.md and plots comparing the arms
   config  --config FILE [--config.FIELD=VALUE ...]: print the resolved, validated config
   convert --from-hf DIR --out WORKDIR [--dtype float32|bfloat16|float16]: a Hugging Face
-          checkpoint (DeepSeek-V3/V3.2/V4, Qwen3-MoE, Mixtral) -> WORKDIR/config.py,
+          checkpoint (DeepSeek-V3/V3.2/V4, GLM-4-MoE, Qwen3-MoE, Mixtral, Qwen3, Llama) -> WORKDIR/config.py,
           config.json and an Orbax checkpoint that train/eval resume from
           --to-hf WORKDIR --out DIR [--model-type T] [--dtype D]: the newest checkpoint
           of WORKDIR -> config.json + safetensors that transformers loads
@@ -271,7 +271,8 @@ def cmd_convert(argv: list[str]) -> int:
 
 
 def cmd_config(argv: list[str]) -> int:
-  from moejax.config import to_json, validate
+  from moejax.config import to_json
+  from moejax.validation import validate
 
   cfg, _, _ = _parse("config", argv)
   validate(cfg)

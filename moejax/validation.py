@@ -40,11 +40,14 @@ def types_in_use(m: ml_collections.ConfigDict, kind: str) -> set[str]:
   return schedule | ({m.mtp[f"{kind}_type"]} if m.mtp.depth else set())
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ConfigError naming every invalid field; silent when all is well."""
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None, check_tokenizer: bool = True) -> None:
+  """Raises ConfigError naming every invalid field; silent when all is well.
+
+  ``check_tokenizer=False`` skips the training tokenizer's vocabulary check (a
+  checkpoint load: the embedding has the rows the checkpoint gives it)."""
   e: list[str] = []
   _validate_model(e, cfg)
-  _validate_data(e, cfg)
+  _validate_data(e, cfg, check_tokenizer)
   _validate_train(e, cfg.train)
   _validate_optim(e, cfg)
   if "distill" in cfg:  # configs saved before the section existed lack it
@@ -106,7 +109,7 @@ def _validate_hc_and_mtp(e: list[str], m: ml_collections.ConfigDict, seq_len: in
                                       f"known: {', '.join(registry.names())}.")
 
 
-def _validate_data(e: list[str], cfg: ml_collections.ConfigDict) -> None:
+def _validate_data(e: list[str], cfg: ml_collections.ConfigDict, check_tokenizer: bool = True) -> None:
   d, m, t, dist = cfg.data, cfg.model, cfg.train, cfg.distributed
   _check(e, d.source in SOURCES, f"data.source={d.source!r} is unknown; known: {', '.join(SOURCES.names())}.")
   _check(e, d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2.")
@@ -121,7 +124,7 @@ def _validate_data(e: list[str], cfg: ml_collections.ConfigDict) -> None:
   _check(e, 0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1).")
   for check in SOURCES.checks({d.source}):
     e.extend(check(cfg))
-  if not e:
+  if not e and check_tokenizer:
     try:
       vocab = tokenizer_vocab_size(d.tokenizer)
     except (OSError, ValueError, ImportError) as err:

@@ -106,7 +106,7 @@ def _moe_cfg(mesh=None, **moe):
 @pytest.mark.parametrize("moe,mesh,message", [
     (dict(top_k=9), None, "model.moe.top_k=9 exceeds model.moe.num_experts=8"),
     (dict(num_groups=3), None, "model.moe.num_groups=3 does not divide model.moe.num_experts=8"),
-    (dict(num_groups=4, topk_groups=1, top_k=3), None, "model.moe.top_k=3 exceeds the 2 experts in topk_groups=1"),
+    (dict(num_groups=4, topk_groups=5), None, "model.moe.topk_groups=5 exceeds model.moe.num_groups=4"),
     (dict(router="switch"), None, "model.moe.router='switch' is unknown; known: "),
     (dict(router="expert_choice", score_bias=True), None, "router 'expert_choice' has no selection bias"),
     (dict(score="relu"), None, "model.moe.score='relu' is not one of"),

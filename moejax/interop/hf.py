@@ -7,8 +7,9 @@
   model, variables = hf.from_transformers(torch_model)     # an in-memory transformers model
 
 Supported ``model_type``: ``deepseek_v3``, ``deepseek_v32``, ``deepseek_v4``,
-``qwen3_moe``, ``mixtral`` (``moejax/interop/archs/``), each mapped onto
-moejax's own layers and config fields. Loading streams tensor by tensor
+``glm4_moe``, ``qwen3_moe``, ``mixtral``, ``qwen3``, ``llama``
+(``moejax/interop/archs/``), each mapped onto moejax's own layers and config
+fields. Loading streams tensor by tensor
 (``safetensors_io.CheckpointReader``), casts to ``dtype`` and places every
 array with the sharding its logical axes get on ``mesh``
 (``moejax.sharding.LOGICAL_RULES``), so host memory holds about one tensor
@@ -45,8 +46,8 @@ log = logging.getLogger(__name__)
 COLLECTIONS = ("params", "router_bias", "hash_table")  # what a checkpoint holds; the rest is sown
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
-# Preference order when inferring the architecture of a moejax model (hf.save without model_type).
-SAVE_ORDER = ("deepseek_v4", "deepseek_v32", "deepseek_v3", "qwen3_moe", "mixtral")
+# Order in which hf.save (without model_type) tries the architectures; the first that can express the model wins.
+SAVE_ORDER = ("deepseek_v4", "deepseek_v32", "deepseek_v3", "glm4_moe", "qwen3_moe", "mixtral", "qwen3", "llama")
 
 
 def _arch(model_type: str):
@@ -56,16 +57,27 @@ def _arch(model_type: str):
   return ARCHS.get(model_type)()
 
 
-def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
+def config_from_hf(hf_config: dict, training: bool = False) -> ml_collections.ConfigDict:
   """A full moejax config (``base_config()`` with ``model`` from an HF ``config.json`` dict).
 
   Raises ConfigError for an unsupported ``model_type``, field or value, naming it.
+  Training-only settings moejax does not implement (``attention_dropout``,
+  ``router_jitter_noise``) do not change the forward pass: logged, or, with
+  ``training=True`` (a workdir to fine-tune), refused.
   """
   arch = _arch(hf_config.get("model_type", "<missing>"))
   fields = HFFields(hf_config)
   cfg = config_lib.base_config()
   apply_config(cfg.model, arch.model_config(fields), "model")
   fields.finish(arch.ignored)
+  settings = ", ".join(f"{k}={v!r}" for k, v in sorted(fields.training_settings.items()))
+  if settings and training:
+    raise config_lib.ConfigError(
+        f"{arch.model_type} config.json: {settings} changes training, and moejax has no such option; fine-tuning "
+        "would silently train without it. Set it to 0 in config.json to fine-tune without it (inference, hf.load, "
+        "is unaffected).")
+  if settings:
+    log.info("ignoring %s: training-only (inference does not use it)", settings)
   return cfg
 
 
@@ -82,12 +94,20 @@ def _model_section(cfg) -> ml_collections.ConfigDict:
 
 
 def infer_model_type(model_cfg) -> str:
-  """The HF architecture a moejax model config corresponds to."""
+  """The first HF architecture (``SAVE_ORDER``) that expresses a moejax model config exactly.
+
+  Raises ConfigError listing, for each architecture, the field and value that rule it out."""
+  reasons = []
   for model_type in SAVE_ORDER:
-    if ARCHS.get(model_type)().claims(model_cfg):
+    try:
+      ARCHS.get(model_type)().check_writable(model_cfg)
+    except config_lib.ConfigError as err:
+      reasons.append(f"  - {model_type}: {str(err).removeprefix(f'cannot write {model_type} config.json: ')}")
+    else:
       return model_type
-  raise config_lib.ConfigError(f"no Hugging Face architecture matches model.attention_types={model_cfg.attention_types}"
-                               f" / mlp_types={model_cfg.mlp_types}; pass model_type= one of {', '.join(SAVE_ORDER)}.")
+  raise config_lib.ConfigError("no Hugging Face architecture can express this model exactly; for each, the first "
+                               "field that rules it out (change it to export as that architecture; --model-type of "
+                               "moejax convert --to-hf, model_type= of hf.save, picks one):\n" + "\n".join(reasons))
 
 
 def config_to_hf(cfg, model_type: str | None = None) -> dict:
@@ -128,7 +148,7 @@ def load(directory: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None 
     hf_config = json.load(f)
   cfg = config_from_hf(hf_config)
   cfg.model.dtype = cfg.model.param_dtype = dtype
-  validate(cfg)
+  validate(cfg, check_tokenizer=False)  # the checkpoint's embedding, not data.tokenizer, sets the vocabulary
   model = build_model(cfg.model)
   variables = load_variables(directory, model, hf_config, mesh)
   return model, variables
@@ -211,7 +231,7 @@ def from_transformers(torch_model, dtype: str = "float32", mesh: jax.sharding.Me
   hf_config = torch_model.config.to_dict()
   cfg = config_from_hf(hf_config)
   cfg.model.dtype = cfg.model.param_dtype = dtype
-  validate(cfg)
+  validate(cfg, check_tokenizer=False)
   model = build_model(cfg.model)
   state_dict = revert_weight_conversion(torch_model, dict(torch_model.state_dict()))
   return model, _place(_StateDictReader(state_dict), model, hf_config["model_type"], mesh)
@@ -241,6 +261,7 @@ def hf_tensors(model, variables, model_type: str | None = None, dtype: str | Non
       array = np.array(jax.device_get(flat[path]))
       array = array.astype(target) if array.dtype == param_dtype else array
       yield from zip(entry.hf, LAYOUTS.get(entry.layout).split(array, entry))
+    yield from arch.constant_tensors(m).items()
 
   return hf_config, tensors()
 
@@ -308,7 +329,7 @@ def convert_from_hf(hf_dir: str, workdir: str, dtype: str = "float32", config_ov
 
   with open(os.path.join(hf_dir, "config.json")) as f:
     hf_config = json.load(f)
-  cfg = config_from_hf(hf_config)
+  cfg = config_from_hf(hf_config, training=True)
   cfg.model.dtype = cfg.model.param_dtype = dtype
   if config_overrides:
     config_overrides(cfg)
@@ -320,6 +341,14 @@ def convert_from_hf(hf_dir: str, workdir: str, dtype: str = "float32", config_ov
   else:
     log.warning("no tokenizer files in %s (nothing is downloaded): data.tokenizer stays %r; set "
                 "--config.data.tokenizer=PATH to the model's tokenizer.json before training.", hf_dir, cfg.data.tokenizer)
+    from moejax.data import tokenizer_vocab_size
+
+    vocab = tokenizer_vocab_size(cfg.data.tokenizer)
+    if cfg.model.vocab_size < vocab:  # the embedding's rows are fixed by the checkpoint: only the tokenizer can change
+      raise config_lib.ConfigError(
+          f"{hf_dir}: the checkpoint's vocabulary (vocab_size={cfg.model.vocab_size}) is smaller than the "
+          f"{cfg.data.tokenizer!r} tokenizer's {vocab} ids, so the workdir could not train; put the model's own "
+          f"tokenizer.json (or tokenizer.model) next to its config.json. hf.load reads it without a tokenizer.")
   exp = Experiment(cfg, devices)
   shardings = exp.state_shardings
   variables = load_variables(hf_dir, exp.model, hf_config, shardings={"params": shardings.params,
@@ -348,6 +377,7 @@ def convert_to_hf(workdir: str, out_dir: str, model_type: str | None = None, dty
   from moejax.train import load_checkpoint
 
   cfg = workdir_config(workdir)
+  config_to_hf(cfg, model_type)  # a model HF cannot express fails here, before the checkpoint is read
   exp, step, state = load_checkpoint(cfg, workdir, devices)
   files = save(exp.model, {"params": state.params, **state.model_state}, out_dir, model_type, dtype)
   copied = _copy_tokenizer(os.path.join(workdir, "tokenizer"), out_dir)

@@ -118,13 +118,18 @@ def sow_load(module: nn.Module, expert_NxA, num_experts: int) -> None:
 
 
 def group_limited(sel_NxE, num_groups: int, topk_groups: int) -> jax.Array:
-  """Masks (-inf) every expert outside the ``topk_groups`` best of ``num_groups``
-  groups; a group's score is the sum of its two best selection scores (DeepSeek-V3)."""
+  """Ranks every expert outside the ``topk_groups`` best of ``num_groups`` groups
+  below every expert inside them; a group's score is the sum of its two best
+  selection scores (DeepSeek-V3). A top-k larger than the kept groups' experts
+  is filled with the best of the others (transformers masks them to -inf, and
+  its top-k takes them in tie order; for top_k == num_experts both take all)."""
   n, e = sel_NxE.shape
   grouped_NxGxS = sel_NxE.reshape(n, num_groups, e // num_groups)
   group_NxG = jnp.sum(jax.lax.top_k(grouped_NxGxS, min(2, e // num_groups))[0], -1)
   keep_NxG = jnp.sum(jax.nn.one_hot(jax.lax.top_k(group_NxG, topk_groups)[1], num_groups, dtype=jnp.int32), 1) > 0
-  return jnp.where(jnp.repeat(keep_NxG, e // num_groups, axis=1), sel_NxE, -jnp.inf)
+  # Shift the others below the kept minimum; their order among themselves is unchanged.
+  span_Nx1 = jnp.max(sel_NxE, -1, keepdims=True) - jnp.min(sel_NxE, -1, keepdims=True) + 1.0
+  return jnp.where(jnp.repeat(keep_NxG, e // num_groups, axis=1), sel_NxE, sel_NxE - span_Nx1)
 
 
 @ROUTERS.register("topk")

@@ -45,14 +45,14 @@ def test_convert_from_hf_and_back_keeps_the_logits(converted_workdir, tmp_path):
   out = str(tmp_path / "hf_again")
   assert cli.main(["convert", "--to-hf", workdir, "--out", out]) == 0
   assert os.path.exists(os.path.join(out, "tokenizer.json"))
-  again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+  again = hf_models.from_pretrained(out)
   np.testing.assert_array_equal(hf_models.logits(again, ids), hf_models.logits(model, ids))
 
 
 def test_convert_errors_exit_2(tmp_path, capsys):
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
   assert cli.main(["convert", "--from-hf", str(tmp_path), "--out", str(tmp_path / "w")]) == 2
-  assert "model_type 'llama' is not supported" in capsys.readouterr().err
+  assert "model_type 'gpt2' is not supported" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -65,3 +65,19 @@ def test_train_fine_tunes_a_converted_checkpoint(converted_workdir, tmp_path):
   steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert steps == [1, 2]  # resumed from the converted step 0
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0", "2"]
+
+
+def test_convert_from_hf_refuses_what_training_could_not_honour(tmp_path, capsys):
+  """A workdir is for fine-tuning: training-only settings moejax lacks, and a vocabulary below the byte
+  tokenizer's without the model's own tokenizer, are refused (hf.load accepts both: test_hf.py)."""
+  model, _ = hf_models.build("tester-mixtral")  # vocab 99, router_jitter_noise=0.1
+  hf_dir = tmp_path / "hf"
+  model.save_pretrained(str(hf_dir))
+  args = ["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "w")]
+  assert cli.main(args) == 2
+  assert "router_jitter_noise=0.1 changes training" in capsys.readouterr().err
+  config = json.loads((hf_dir / "config.json").read_text())
+  (hf_dir / "config.json").write_text(json.dumps(dict(config, router_jitter_noise=0.0)))
+  assert cli.main(args) == 2
+  assert "vocabulary (vocab_size=99) is smaller than the 'byte' tokenizer's 259 ids" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")

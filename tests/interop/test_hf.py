@@ -60,7 +60,7 @@ def test_load_matches_transformers_logits(converted):
 def test_save_is_read_by_transformers_and_round_trips_exactly(converted, tmp_path):
   name, original, ids, expected, _, model, variables = converted
   hf.save(model, variables, str(tmp_path))
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+  reloaded = hf_models.from_pretrained(str(tmp_path))
   chex.assert_trees_all_equal({k: v.numpy() for k, v in reloaded.state_dict().items()},
                               {k: v.numpy() for k, v in original.state_dict().items()})
   prefix = min(ids.shape[1], 64)  # causal: the logits of a prefix are the prefix of the logits
@@ -77,7 +77,7 @@ def test_sharded_checkpoints_both_ways(tmp_path):
   ours, variables = hf.load(hf_dir)
   files = hf.save(ours, variables, ours_dir, max_shard_bytes=40_000)
   assert len(files) > 1 and os.path.exists(os.path.join(ours_dir, "model.safetensors.index.json"))
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(ours_dir, attn_implementation="eager").eval()
+  reloaded = hf_models.from_pretrained(ours_dir)
   np.testing.assert_array_equal(hf_models.logits(reloaded, ids), hf_models.logits(model, ids))
 
 
@@ -132,7 +132,7 @@ def _config(name):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(model_type="llama"), "model_type 'llama' is not supported"),
+    (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
     (dict(some_new_switch=3), "some_new_switch=3"),
     (dict(attention_bias=True), "attention_bias=True"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
@@ -208,8 +208,17 @@ def test_configs_hf_cannot_express_are_clear_errors():
   cfg.model.attention.sinks = True
   with pytest.raises(ConfigError, match="model.attention.sinks=True has no Hugging Face counterpart"):
     hf.config_to_hf(cfg)
-  with pytest.raises(ConfigError, match="no Hugging Face architecture matches"):
-    hf.config_to_hf(base_config())  # the dense tiny model: not one of the five MoE architectures
+  cfg = base_config()  # a dense GQA model without q/k norms: Llama; with them: Qwen3
+  assert hf.config_to_hf(cfg)["model_type"] == "llama"
+  cfg.model.attention.qk_norm = True
+  assert hf.config_to_hf(cfg)["model_type"] == "qwen3"
+  cfg.model.update(mlp_types=("dense", "moe", "moe", "moe"), moe=dict(score="softmax", renormalize=True))
+  cfg.model.attention.qk_norm = False
+  with pytest.raises(ConfigError, match="no Hugging Face architecture can express") as err:
+    hf.config_to_hf(cfg)  # configs/tiny_moe.py:mixtral without a shared expert: Qwen3-MoE would need q/k norms
+  assert "qwen3_moe: model.attention.qk_norm=False" in str(err.value)
+  with pytest.raises(ConfigError, match="model.attention.qk_norm=False has no Hugging Face counterpart"):
+    hf.config_to_hf(cfg, "qwen3_moe")
 
 
 def test_config_round_trips_through_hf():
@@ -217,3 +226,41 @@ def test_config_round_trips_through_hf():
     cfg = hf.config_from_hf(_config(name))
     again = hf.config_from_hf(hf.config_to_hf(cfg))
     assert again.model.to_dict() == cfg.model.to_dict(), name
+
+
+HCA_DECODE = pytest.mark.xfail(raises=ValueError, strict=True, reason=(
+    "moejax's cached decoding of an hca layer fails when the cache (prompt + new tokens = 15) holds no compressed "
+    "entry (hca_ratio=128): a reduction over zero entries in layers/attention/compressed.py"))
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=HCA_DECODE) if n == "tester-deepseek_v4" else n
+                                  for n in sorted(hf_models.TESTER_CASES)])
+def test_transformers_tester_configs_load_with_parity_and_the_same_greedy_tokens(name, tmp_path, caplog):
+  """transformers' own test configurations (vocab 99 < the byte tokenizer's 259, V3's top-8 beyond its kept
+  groups, training-only dropout / jitter) load; logits agree to ~1e-5 and greedy decoding picks the same tokens."""
+  from moejax.generate import sample
+
+  model, ids = hf_models.build(name)
+  model.save_pretrained(str(tmp_path))
+  caplog.set_level("INFO", logger="moejax.interop.hf")
+  ours, variables = hf.load(str(tmp_path))
+  training_only = {k: v for k, v in hf_models.CASES[name][1].items()
+                   if k in ("attention_dropout", "router_jitter_noise") and v}
+  for field, value in training_only.items():
+    assert f"ignoring {field}={value!r}: training-only" in caplog.text
+  expected = hf_models.logits(model, ids)
+  got = _logits(ours, variables, ids)
+  scale, diff = float(np.abs(expected).max()), float(np.abs(got - expected).max())
+  print(f"\ntester {name}: max|logit diff| = {diff:.2e}, logit scale {scale:.2f}")
+  assert diff <= 1e-5 * scale, (name, diff, scale)
+
+  new = 8
+  with torch.no_grad():
+    theirs = model.generate(torch.from_numpy(ids), max_new_tokens=new, do_sample=False, min_new_tokens=new,
+                            output_scores=True, return_dict_in_generate=True)
+  gaps = [float(np.min(np.diff(np.sort(s.numpy(), -1)[:, -2:], axis=-1))) for s in theirs.scores]
+  if min(gaps) < 1e-4:  # a near-tie between the two best tokens: either pick is right
+    pytest.skip(f"{name}: top-2 logits within {min(gaps):.1e} at some step")
+  mine = sample(ours, variables, ids, np.full((ids.shape[0],), ids.shape[1]), rng=jax.random.key(0),
+                max_new_tokens=new, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(mine.tokens_BxN), theirs.sequences[:, ids.shape[1]:].numpy())

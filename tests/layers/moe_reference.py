@@ -42,7 +42,8 @@ def np_route(x_NxD, token_ids_N, w_gate_DxE, moe, bias_E=None, table_VxK=None, r
       group_score = [sum(sorted(sel[g * size:(g + 1) * size])[-2:]) for g in range(moe.num_groups)]
       best = sorted(range(moe.num_groups), key=lambda g: -group_score[g])[:moe.topk_groups]
       allowed = [j for j in range(e) if j // size in best]
-    choices.append(sorted(allowed, key=lambda j: -sel[j])[:moe.top_k])
+    others = [j for j in range(e) if j not in allowed]  # fill a top-k larger than the kept groups
+    choices.append((sorted(allowed, key=lambda j: -sel[j]) + sorted(others, key=lambda j: -sel[j]))[:moe.top_k])
   routes = []
   for i, experts in enumerate(choices):
     w = np.array([scores[i, j] for j in experts])

@@ -65,6 +65,8 @@ ROUTINGS = {
     "deepseek-v3 (sigmoid, bias, groups, scale, 2 shared)": dict(
         score="sigmoid", score_bias=True, renormalize=True, routed_scale=2.5, num_groups=4, topk_groups=2,
         num_shared=2),
+    "deepseek-v3, top-k beyond the kept groups (filled from the others)": dict(
+        score="sigmoid", score_bias=True, renormalize=True, num_groups=4, topk_groups=1, top_k=3),
     "deepseek-v4 (sqrtsoftplus, clamp, shared)": dict(score="sqrtsoftplus", renormalize=True, routed_scale=1.5,
                                                       num_shared=1, swiglu_limit=0.5, top_k=3),
 }

@@ -53,9 +53,6 @@ class DeepseekV3(Arch):
   ignored = frozenset({"head_dim", "qk_head_dim", "ep_size", "num_nextn_predict_layers", "aux_loss_alpha", "seq_aux",
                        "num_key_value_heads"})
 
-  def claims(self, m) -> bool:
-    return set(expand_schedule(m.attention_types, m.num_layers)) == {self.attention_type}
-
   def dense_layers(self, f: HFFields, n: int) -> set[int]:
     return set(range(f("first_k_dense_replace", 0)))
 
@@ -83,13 +80,17 @@ class DeepseekV3(Arch):
 
   def check_writable(self, m) -> None:
     what = f"{self.model_type} config.json"
-    checks = (("moe.score", m.moe.score, "sigmoid"), ("moe.score_bias", m.moe.score_bias, True),
-              ("moe.router", m.moe.router, "topk"), ("hc.streams", m.hc.streams, 1),
-              ("attention.sinks", m.attention.sinks, False), ("moe.swiglu_limit", m.moe.swiglu_limit, 0.0))
+    if set(expand_schedule(m.attention_types, m.num_layers)) != {self.attention_type}:
+      raise unsupported(what, "attention_types", m.attention_types,
+                        f"{self.model_type} has {self.attention_type!r} attention on every layer.")
+    types = expand_schedule(m.mlp_types, m.num_layers)
+    checks = [("hc.streams", m.hc.streams, 1), ("attention.sinks", m.attention.sinks, False)]
+    if "moe" in types:  # an all-dense model (first_k_dense_replace = num_layers) has no router to match
+      checks += [("moe.score", m.moe.score, "sigmoid"), ("moe.score_bias", m.moe.score_bias, True),
+                 ("moe.router", m.moe.router, "topk"), ("moe.swiglu_limit", m.moe.swiglu_limit, 0.0)]
     for field, value, want in checks:
       if value != want:
         raise unsupported(what, field, value, f"{self.model_type} needs {want!r}.")
-    types = expand_schedule(m.mlp_types, m.num_layers)
     dense = [t == "dense" for t in types]
     if set(types) - {"dense", "moe"} or dense != sorted(dense, reverse=True):
       raise unsupported(what, "mlp_types", m.mlp_types, "DeepSeek has dense layers first, then moe layers.")
@@ -161,10 +162,13 @@ class DeepseekV32(DeepseekV3):
                               index_heads=f("index_n_heads"))
     return model
 
-  def hf_config(self, m) -> dict:
+  def check_writable(self, m) -> None:
+    super().check_writable(m)
     if m.attention.rope_layout != "interleave":
       raise unsupported("deepseek_v32 config.json", "attention.rope_layout", m.attention.rope_layout,
                         "V3.2 uses 'interleave'.")
+
+  def hf_config(self, m) -> dict:
     out = super().hf_config(m)
     del out["rope_interleave"]
     a = m.attention

@@ -34,8 +34,20 @@ class DeepseekV4(Arch):
   model_type, architecture = "deepseek_v4", "DeepseekV4ForCausalLM"
   ignored = frozenset({"qk_rope_head_dim", "num_nextn_predict_layers", "rope_theta", "compress_rope_theta"})
 
-  def claims(self, m) -> bool:
-    return set(expand_schedule(m.attention_types, m.num_layers)) <= set(ATTENTION.values())
+  def check_writable(self, m) -> None:
+    a, what = m.attention, "deepseek_v4 config.json"
+    if not set(expand_schedule(m.attention_types, m.num_layers)) <= set(ATTENTION.values()):
+      raise unsupported(what, "attention_types", m.attention_types, "DeepSeek-V4 layers are swa, csa or hca.")
+    for field, value, ok in (("num_kv_heads", m.num_kv_heads, m.num_kv_heads == 1),
+                             ("hc.streams", m.hc.streams, m.hc.streams > 1),
+                             ("moe.num_groups", m.moe.num_groups, m.moe.num_groups == 1),
+                             ("moe.score_bias", m.moe.score_bias, m.moe.score_bias),
+                             ("moe.router", m.moe.router, m.moe.router == "topk"),
+                             ("attention.rope_layout", a.rope_layout, a.rope_layout == "interleave"),
+                             ("mlp_types", m.mlp_types,
+                              set(expand_schedule(m.mlp_types, m.num_layers)) <= {"moe", "hash_moe"})):
+      if not ok:
+        raise unsupported(what, field, value, "DeepSeek-V4 fixes it (1 kv head, mHC, topk router with bias, ...).")
 
   def model_config(self, f: HFFields) -> dict:
     model = common_model(f)
@@ -43,7 +55,7 @@ class DeepseekV4(Arch):
     for field in ("attention_bias", "mlp_bias"):
       f.expect(field, (False,), False)
     f.expect("num_key_value_heads", (1,), 1)
-    f.expect("router_jitter_noise", (0, 0.0), 0.0)
+    f.training_only("router_jitter_noise")
     if f("hc_mult") < 2:
       raise unsupported("deepseek_v4 model", "hc.streams", f("hc_mult"), "hc_mult=1 still runs the mHC maps in "
                         "transformers, while moejax's hc.streams=1 is the plain residual; use hc_mult >= 2.")
@@ -78,17 +90,8 @@ class DeepseekV4(Arch):
     return model
 
   def hf_config(self, m) -> dict:
-    a, what = m.attention, "deepseek_v4 config.json"
-    for field, value, ok in (("num_kv_heads", m.num_kv_heads, m.num_kv_heads == 1),
-                             ("hc.streams", m.hc.streams, m.hc.streams > 1),
-                             ("moe.num_groups", m.moe.num_groups, m.moe.num_groups == 1),
-                             ("moe.score_bias", m.moe.score_bias, m.moe.score_bias),
-                             ("moe.router", m.moe.router, m.moe.router == "topk"),
-                             ("attention.rope_layout", a.rope_layout, a.rope_layout == "interleave"),
-                             ("mlp_types", m.mlp_types,
-                              set(expand_schedule(m.mlp_types, m.num_layers)) <= {"moe", "hash_moe"})):
-      if not ok:
-        raise unsupported(what, field, value, "DeepSeek-V4 fixes it (1 kv head, mHC, topk router with bias, ...).")
+    self.check_writable(m)
+    a = m.attention
     head = m.head_dim or m.d_model // m.num_heads
     factor = (a.rope_dim or head) / head
     types = expand_schedule(m.attention_types, m.num_layers)

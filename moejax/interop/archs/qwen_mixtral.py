@@ -11,67 +11,35 @@ renormalised softmax top-k), ``sliding_window`` on every layer.
 
 from __future__ import annotations
 
-from moejax.config import expand_schedule
 from moejax.interop import layout
-from moejax.interop.archs.registry import (ARCHS, Arch, HFFields, common_hf, common_model, read_rope, unsupported,
-                                           write_rope)
+from moejax.interop.archs.registry import ARCHS, HFFields, common_hf, common_model, unsupported
+from moejax.interop.archs.gqa import GQA, attention_types, field_value, mlp_types, window
 
 
-def _attention_types(m) -> tuple[str, ...]:
-  return tuple(expand_schedule(m.attention_types, m.num_layers))
-
-
-def _window(f: HFFields, enabled: bool) -> dict:
-  window = f("sliding_window", None) if enabled else None
-  return dict(attention_types=("sliding",) if window else ("dense",), window=window or 128)
-
-
-class _GQAMoE(Arch):
+class _GQAMoE(GQA):
   """Shared by Qwen3-MoE and Mixtral."""
 
   moe_prefix = "mlp"
   expert_names = ("gate_proj", "up_proj", "down_proj")
-  qk_norm = False
-
-  def claims(self, m) -> bool:
-    return set(_attention_types(m)) <= {"dense", "sliding"} and m.attention.qk_norm == self.qk_norm
-
-  def attention_model(self, f: HFFields, window: dict) -> dict:
-    theta, yarn = read_rope(f)
-    f.expect("attention_bias", (False,), False)
-    model = dict(num_kv_heads=f("num_key_value_heads"), head_dim=f("head_dim", 0), rope_theta=theta,
-                 attention_types=window["attention_types"])
-    attention = dict(qk_norm=self.qk_norm, window=window["window"], rope_layout="half")
-    if yarn:
-      attention["yarn"] = yarn
-    return dict(model, attention=attention)
+  mlp_kinds = frozenset({"dense", "moe"})
 
   def check_writable(self, m) -> None:
     what = f"{self.model_type} config.json"
-    types = set(_attention_types(m))
-    if len(types) != 1:
-      raise unsupported(what, "attention_types", m.attention_types, "HF applies one attention kind to all layers.")
-    for field, ok in (("attention.sinks", not m.attention.sinks), ("attention.rope_dim", m.attention.rope_dim == 0),
-                      ("hc.streams", m.hc.streams == 1),
-                      ("moe.num_shared", m.moe.num_shared == 0), ("moe.score", m.moe.score == "softmax"),
+    self.check_attention(m)
+    types = set(mlp_types(m))
+    if "moe" not in types or not types <= self.mlp_kinds:
+      raise unsupported(what, "mlp_types", m.mlp_types, f"{self.model_type} layers are "
+                        f"{' or '.join(sorted(self.mlp_kinds))} (with at least one 'moe').")
+    for field, ok in (("moe.num_shared", m.moe.num_shared == 0), ("moe.score", m.moe.score == "softmax"),
                       ("moe.router", m.moe.router == "topk"), ("moe.score_bias", not m.moe.score_bias),
                       ("moe.num_groups", m.moe.num_groups == 1), ("moe.routed_scale", m.moe.routed_scale == 1.0),
                       ("moe.swiglu_limit", m.moe.swiglu_limit == 0)):
       if not ok:
-        value = m
-        for part in field.split("."):
-          value = value[part]
-        raise unsupported(what, field, value, f"{self.model_type} has no such option.")
-
-  def hf_attention(self, m) -> dict:
-    head = {"head_dim": m.head_dim} if m.head_dim else {}  # absent: hidden_size // num_heads, as in moejax
-    return dict(num_key_value_heads=m.num_kv_heads, **head,
-                rope_parameters=write_rope(m.rope_theta, m.attention.yarn), attention_bias=False,
-                attention_dropout=0.0, max_position_embeddings=max(4096, m.attention.yarn.original_max_len))
+        raise unsupported(what, field, field_value(m, field), f"{self.model_type} has no such option.")
 
   def tensors(self, m) -> list:
     out = layout.trunk(m)
-    for i, mlp_type in enumerate(expand_schedule(m.mlp_types, m.num_layers)):
+    for i, mlp_type in enumerate(mlp_types(m)):
       p = f"model.layers.{i}"
       out += layout.dense_attention(f"layer_{i}/attention", f"{p}.self_attn", self.qk_norm)
       if mlp_type == "dense":
@@ -93,7 +61,7 @@ class Qwen3MoE(_GQAMoE):
     sliding = bool(f("use_sliding_window", False))
     if not sliding:
       f.used.add("sliding_window")
-    model.update(self.attention_model(f, _window(f, sliding)))
+    model.update(self.attention_model(f, window(f, sliding)))
     n, experts = model["num_layers"], f("num_experts", None) or f("num_local_experts")
     f.used.update({"num_experts", "num_local_experts"})
     dense, step = set(f("mlp_only_layers", [])), f("decoder_sparse_step", 1)
@@ -106,8 +74,8 @@ class Qwen3MoE(_GQAMoE):
 
   def hf_config(self, m) -> dict:
     self.check_writable(m)
-    types = expand_schedule(m.mlp_types, m.num_layers)
-    sliding = _attention_types(m)[0] == "sliding"
+    types = mlp_types(m)
+    sliding = "sliding" in attention_types(m)
     return dict(common_hf(m, self), **self.hf_attention(m), intermediate_size=m.ffn_dim,
                 moe_intermediate_size=m.moe.expert_ffn_dim, num_experts=m.moe.num_experts,
                 num_experts_per_tok=m.moe.top_k, norm_topk_prob=bool(m.moe.renormalize), decoder_sparse_step=1,
@@ -118,28 +86,28 @@ class Qwen3MoE(_GQAMoE):
 @ARCHS.register("mixtral")
 class Mixtral(_GQAMoE):
   model_type, architecture = "mixtral", "MixtralForCausalLM"
-  moe_prefix, expert_names = "block_sparse_moe", ("w1", "w3", "w2")
-
-  def claims(self, m) -> bool:
-    return super().claims(m) and set(expand_schedule(m.mlp_types, m.num_layers)) == {"moe"}
+  moe_prefix, expert_names, mlp_kinds = "block_sparse_moe", ("w1", "w3", "w2"), frozenset({"moe"})
 
   def model_config(self, f: HFFields) -> dict:
     model = common_model(f)
-    model.update(self.attention_model(f, _window(f, True)))
-    f.expect("router_jitter_noise", (0, 0.0), 0.0)
+    model.update(self.attention_model(f, window(f, True)))
+    f.training_only("router_jitter_noise")
     width = f("intermediate_size")
     model.update(mlp_types=("moe",), ffn_dim=width)
     model["moe"] = dict(num_experts=f("num_local_experts"), top_k=f("num_experts_per_tok"), expert_ffn_dim=width,
                         num_shared=0, score="softmax", renormalize=True)
     return model
 
-  def hf_config(self, m) -> dict:
-    self.check_writable(m)
+  def check_writable(self, m) -> None:
+    super().check_writable(m)
     if not m.moe.renormalize:
       raise unsupported("mixtral config.json", "moe.renormalize", False, "Mixtral renormalises its top-k weights.")
     if m.ffn_dim != m.moe.expert_ffn_dim:
       raise unsupported("mixtral config.json", "ffn_dim", m.ffn_dim, "set it to moe.expert_ffn_dim (unused by MoE).")
-    sliding = _attention_types(m)[0] == "sliding"
+
+  def hf_config(self, m) -> dict:
+    self.check_writable(m)
+    sliding = "sliding" in attention_types(m)
     return dict(common_hf(m, self), **self.hf_attention(m), intermediate_size=m.moe.expert_ffn_dim,
                 num_local_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k, router_jitter_noise=0.0,
                 sliding_window=m.attention.window if sliding else None)

@@ -47,6 +47,7 @@ class HFFields:
   def __init__(self, hf: dict[str, Any]):
     self.hf, self.used = dict(hf), set()
     self.model_type = hf.get("model_type", "?")
+    self.training_settings: dict[str, Any] = {}  # training-only fields that are not "off" (see training_only)
 
   def __call__(self, name: str, default: Any = MISSING) -> Any:
     self.used.add(name)
@@ -63,6 +64,13 @@ class HFFields:
       raise ConfigError(f"{self.model_type} config.json: {name}={value!r} is not supported by moejax "
                         f"(supported: {', '.join(map(repr, allowed))}); moejax has no layer option for it.")
     return value
+
+  def training_only(self, name: str) -> None:
+    """A field that changes training only (dropout, router jitter): moejax has no such option, so a
+    value that is not "off" is recorded; ``hf.config_from_hf`` logs it, or refuses it for training."""
+    value = self(name, 0.0)
+    if value not in (None, False, 0, 0.0):
+      self.training_settings[name] = value
 
   def finish(self, ignored: frozenset[str]) -> None:
     bad = [f"{k}={v!r}" for k, v in sorted(self.hf.items())
@@ -128,9 +136,14 @@ class Arch:
   def tensors(self, m: ml_collections.ConfigDict) -> list:
     raise NotImplementedError
 
-  def claims(self, m: ml_collections.ConfigDict) -> bool:
-    """Whether a moejax model config is of this architecture (for :func:`hf.save`)."""
+  def check_writable(self, m: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first ``model.*`` field (and the value) this architecture
+    cannot express; silent when ``m`` is exactly of this architecture (how :func:`hf.save` infers it)."""
     raise NotImplementedError
+
+  def constant_tensors(self, m: ml_collections.ConfigDict) -> dict:
+    """HF tensors with no moejax variable that the export writes (name -> numpy array)."""
+    return {}
 
   def canonical(self, name: str) -> str:
     """The name ``tensors`` uses for a checkpoint tensor name (other spellings of a release)."""
@@ -152,7 +165,7 @@ def common_hf(m: ml_collections.ConfigDict, arch: Arch) -> dict:
 def common_model(f: HFFields) -> dict:
   """The ``model.*`` fields every architecture shares."""
   f.expect("hidden_act", ("silu",), "silu")
-  f.expect("attention_dropout", (0, 0.0), 0.0)
+  f.training_only("attention_dropout")
   return dict(vocab_size=f("vocab_size"), d_model=f("hidden_size"), num_layers=f("num_hidden_layers"),
               num_heads=f("num_attention_heads"), norm_eps=float(f("rms_norm_eps")),
               tie_embeddings=bool(f("tie_word_embeddings", False)))

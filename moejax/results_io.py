@@ -59,10 +59,15 @@ def load_arm(results_dir: str, arm: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def save_meta(results_dir: str, setup: dict) -> None:
-  """Writes ``results_dir/meta.json``: commit, UTC date, the command line and ``setup``."""
+def save_meta(results_dir: str, setup: dict, code_commit: str | None = None) -> None:
+  """Writes ``results_dir/meta.json``: commit, UTC date, the command line and ``setup``.
+
+  ``code_commit``: the commit the runs started from (take :func:`commit` before training, since the
+  tree may move on during a long run); the current one when None.
+  """
   os.makedirs(results_dir, exist_ok=True)
-  meta = {"commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  meta = {"commit": code_commit or commit(),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "setup": setup}
   with open(os.path.join(results_dir, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)

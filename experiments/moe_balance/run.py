@@ -147,11 +147,13 @@ def main():
   args = parser.parse_args()
   if not args.from_results:
     seeds = [int(s) for s in args.seeds.split(",")]
+    code_commit = results_io.commit()
     for seed in seeds:
       for variant in VARIANTS:
         results_io.save_arm(args.results, f"{variant}_seed{seed}", run(variant, seed, args.steps, args.workdir))
     results_io.save_meta(args.results, {"steps": args.steps, "seeds": seeds, "config": "configs/tiny_moe.py",
-                                        "batch": "8 x 128", "arms": {k: v[2] for k, v in VARIANTS.items()}})
+                                        "batch": "8 x 128", "arms": {k: v[2] for k, v in VARIANTS.items()}},
+                           code_commit)
   print(report(load_results(args.results), args.out))
 
 

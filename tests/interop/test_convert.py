@@ -9,14 +9,13 @@ import pytest
 
 from moejax import cli
 from tests.interop import hf_models
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.oracle import require
 
 
 @pytest.fixture(scope="module")
 def converted_workdir(tmp_path_factory):
   """(HF model, ids, a converted workdir); tests that write into the workdir copy it first."""
+  require("torch"), require("transformers")
   tmp_path = tmp_path_factory.mktemp("convert")
   model, ids = hf_models.build("mixtral-sliding")
   hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
@@ -28,7 +27,7 @@ def converted_workdir(tmp_path_factory):
 
 
 def _byte_tokenizer() -> dict:
-  tokenizers = pytest.importorskip("tokenizers")
+  tokenizers = require("tokenizers")
   vocab = {chr(i) if 32 < i < 127 else f"<{i}>": i for i in range(256)}
   vocab["</s>"] = 256
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<0>"))
@@ -45,7 +44,7 @@ def test_convert_from_hf_and_back_keeps_the_logits(converted_workdir, tmp_path):
   out = str(tmp_path / "hf_again")
   assert cli.main(["convert", "--to-hf", workdir, "--out", out]) == 0
   assert os.path.exists(os.path.join(out, "tokenizer.json"))
-  again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+  again = require("transformers").AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
   np.testing.assert_array_equal(hf_models.logits(again, ids), hf_models.logits(model, ids))
 
 

@@ -16,9 +16,10 @@ import pytest
 
 from moejax.config import expand_schedule
 from moejax.layers.attention import ATTENTION
+from tests.oracle import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 B, T, D, H = 2, 13, 32, 4
 SMALL_MOE = dict(vocab_size=320, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, n_group=1,

@@ -114,7 +114,8 @@ def test_nesterov_matches_optax_contrib_muon_nesterov_once_bias_correction_fades
   """Nesterov on, same hyper-parameters as optax.contrib.muon(nesterov=True). optax bias-corrects the two
   Nesterov terms, ``D = b M / (1 - b^(t+1)) + (1 - b) G / (1 - b^t)``; ours is Keller Jordan's
   ``D = b M + (1 - b) G``. Step 1 gives the same direction (NS is scale-invariant), steps 2-3 differ while
-  the corrections differ, and from step ~20 (b = 0.5: b^20 ~ 1e-6) the updates agree again."""
+  the corrections differ, and from step ~20 (b = 0.5: b^20 ~ 1e-6) the updates agree again. Only the matrix
+  is compared: with nesterov=True optax's AdamW branch becomes NAdam, ours stays AdamW."""
   beta = 0.5
   params = {"w": _randn((24, 40), 0), "b": _randn((40,), 1)}
   ours = muon(0.01, beta=beta, nesterov=True, scale="keller", weight_decay=0.1, **F32)
@@ -126,7 +127,7 @@ def test_nesterov_matches_optax_contrib_muon_nesterov_once_bias_correction_fades
     u_ours, state_ours = update_ours(grads, state_ours, p_ours)
     u_theirs, state_theirs = update_theirs(grads, state_theirs, p_theirs)
     if step == 1 or step >= 20:
-      chex.assert_trees_all_close(u_ours, u_theirs, rtol=1e-5, atol=1e-7, custom_message=f"step {step}")
+      chex.assert_trees_all_close(u_ours["w"], u_theirs["w"], rtol=1e-5, atol=1e-7, custom_message=f"step {step}")
     elif step in (2, 3):
       assert not np.allclose(u_ours["w"], u_theirs["w"], rtol=1e-3, atol=1e-6), step
     p_ours, p_theirs = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_theirs, u_theirs)

@@ -115,9 +115,13 @@ def summary(runs: dict[str, dict[int, list[dict]]]) -> str:
     for b in names[i + 1:]:
       lo, hi = (a, b) if np.mean(evals[a]) < np.mean(evals[b]) else (b, a)
       separated = max(evals[lo]) < min(evals[hi])
-      lines.append(f"- {lo} vs {hi}: mean eval loss {np.mean(evals[lo]):.3f} vs {np.mean(evals[hi]):.3f}; "
-                   + ("every seed of the first is below every seed of the second" if separated else
-                      "the seed ranges overlap: no loss difference is claimed"))
+      if min(len(evals[lo]), len(evals[hi])) < 3:
+        verdict = "fewer than 3 seeds in an arm: no loss difference is claimed"
+      elif separated:
+        verdict = "every seed of the first is below every seed of the second"
+      else:
+        verdict = "the seed ranges overlap: no loss difference is claimed"
+      lines.append(f"- {lo} vs {hi}: mean eval loss {np.mean(evals[lo]):.3f} vs {np.mean(evals[hi]):.3f}; {verdict}")
   return "\n".join(lines) + "\n"
 
 
@@ -131,9 +135,11 @@ def report(runs: dict[str, dict[int, list[dict]]], out_dir: str) -> str:
 
 
 def load_results(results_dir: str) -> dict[str, dict[int, list[dict]]]:
+  """{arm: {seed: records}} for every stored run of the seeds meta.json lists (a run not finished is absent)."""
   seeds = results_io.load_meta(results_dir)["setup"]["seeds"]
-  return {variant: {seed: results_io.load_arm(results_dir, f"{variant}_seed{seed}") for seed in seeds}
-          for variant in VARIANTS}
+  stored = lambda v, s: os.path.exists(os.path.join(results_dir, f"{v}_seed{s}.jsonl.gz"))
+  runs = {v: {s: results_io.load_arm(results_dir, f"{v}_seed{s}") for s in seeds if stored(v, s)} for v in VARIANTS}
+  return {v: seeds_of_v for v, seeds_of_v in runs.items() if seeds_of_v}
 
 
 def main():
@@ -147,13 +153,11 @@ def main():
   args = parser.parse_args()
   if not args.from_results:
     seeds = [int(s) for s in args.seeds.split(",")]
-    code_commit = results_io.commit()
+    results_io.save_meta(args.results, {"steps": args.steps, "seeds": seeds, "config": "configs/tiny_moe.py",
+                                        "batch": "8 x 128", "arms": {k: v[2] for k, v in VARIANTS.items()}})
     for seed in seeds:
       for variant in VARIANTS:
         results_io.save_arm(args.results, f"{variant}_seed{seed}", run(variant, seed, args.steps, args.workdir))
-    results_io.save_meta(args.results, {"steps": args.steps, "seeds": seeds, "config": "configs/tiny_moe.py",
-                                        "batch": "8 x 128", "arms": {k: v[2] for k, v in VARIANTS.items()}},
-                           code_commit)
   print(report(load_results(args.results), args.out))
 
 

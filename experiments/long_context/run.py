@@ -1,6 +1,7 @@
 """Passkey retrieval beyond the training length: dense vs sliding vs DSA vs DeepSeek-V4 hybrid.
 
   python experiments/long_context/run.py [--steps 500] [--train-len 128] [--workdir workdirs/long_context]
+  python experiments/long_context/run.py --from-results   # heatmaps.png + summary.md from results.json
 
 Trains four tiny models (configs/tiny_hybrid.py widths: d=128, 4 heads / 2 kv
 heads, 4 layers, window 64, Muon) that differ only in their attention schedule on
@@ -12,7 +13,9 @@ passkey``) at 1x, 2x, 4x and 8x the training length with the key at depths
 run whose checkpoint exists is not trained again. Writes ``heatmaps.png``
 (exact-key accuracy, depth x length; top row as trained, bottom row with
 YaRN), ``results.json`` and ``summary.md`` to ``--out`` (default: next to
-this script).
+this script), and each run's per-step metrics to ``results/<variant>.jsonl.gz``
+(with ``results/meta.json``: commit, date, command). ``--from-results``
+rebuilds the plot and the table from ``results.json`` without training.
 """
 
 import argparse
@@ -25,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moejax import results_io  # noqa: E402
 from moejax.config import load_config  # noqa: E402
 from moejax.evals import long_context  # noqa: E402
 from moejax.train import load_checkpoint, train  # noqa: E402
@@ -70,6 +74,7 @@ def run(variant: str, steps: int, train_len: int, samples: int, workdir: str) ->
     train(cfg, path)
   with open(os.path.join(path, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
+  results_io.save_arm(os.path.join(HERE, "results"), variant, records)
   train_loss = [r["loss"] for r in records if "loss" in r]
   factors = (1, 2, 4, 8)
 
@@ -127,12 +132,22 @@ def main():
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--workdir", default="workdirs/long_context")
   parser.add_argument("--out", default=HERE, help="where results.json, heatmaps.png and summary.md go")
+  parser.add_argument("--from-results", action="store_true", help="no training: plot and tabulate results.json")
+  parser.add_argument("--results", default=os.path.join(HERE, "results.json"))
   args = parser.parse_args()
-  results = [r for v in args.variants.split(",") for r in run(v, args.steps, args.train_len, args.samples,
-                                                                args.workdir)]
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  if args.from_results:
+    with open(args.results) as f:
+      results = json.load(f)
+  else:
+    code_commit = results_io.commit()
+    results = [r for v in args.variants.split(",") for r in run(v, args.steps, args.train_len, args.samples,
+                                                                  args.workdir)]
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    results_io.save_meta(os.path.join(HERE, "results"), {"steps": args.steps, "train_len": args.train_len,
+                                                         "samples": args.samples, "variants": args.variants},
+                         code_commit)
   plot(results, os.path.join(args.out, "heatmaps.png"))
   table = summary(results)
   with open(os.path.join(args.out, "summary.md"), "w") as f:

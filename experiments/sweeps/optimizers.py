@@ -20,7 +20,8 @@ def get_sweep():
           "adamw": Arm({"optim.name": "adamw"}, {"optim.learning_rate": [3e-4, 1e-3, 3e-3]}),
           "muon": Arm({"optim.name": "muon", "optim.muon.ns_dtype": "float32"},
                       {"optim.learning_rate": [3e-3, 1e-2, 3e-2]}),
-          "lion": Arm({"optim.name": "lion"}, {"optim.learning_rate": [3e-4, 1e-3, 3e-3]}),
+          # Lion's standard b2 is 0.99 (Chen et al., 2023), not the sweep's common 0.95.
+          "lion": Arm({"optim.name": "lion", "optim.b2": 0.99}, {"optim.learning_rate": [3e-4, 1e-3, 3e-3]}),
           "adafactor": Arm({"optim.name": "adafactor"}, {"optim.learning_rate": [1e-3, 3e-3, 1e-2]}),
       },
       common={

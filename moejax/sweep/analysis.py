@@ -194,3 +194,19 @@ def summarize(sweep: Sweep, results: list[RunResult], tokens_main: float) -> Com
     for summary in arms.values():
       summary.d_eff_ratio = fit.tokens_for(summary.final_loss) / tokens_main
   return Comparison(arms, sweep.baseline, target, fit, points, fit_error)
+
+
+def grid_edge_warnings(cmp: Comparison) -> list[str]:
+  """One line per arm whose best trial sits on the edge of a numeric grid axis (the optimum may lie outside)."""
+  warnings = []
+  for s in cmp.arms.values():
+    for key, best in s.best_trial.items():
+      values = sorted({trial[key] for trial, _ in s.trial_losses})
+      if len(values) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        continue
+      if best in (values[0], values[-1]):
+        side, where = ("smallest", "below") if best == values[0] else ("largest", "above")
+        warnings.append(f"arm {s.arm!r}: its best {key}={best} is the {side} value of its grid {values}; the "
+                        f"optimum may lie outside it: extend the grid {where} {best}.")
+  return warnings
+

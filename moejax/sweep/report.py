@@ -9,7 +9,7 @@ import statistics
 
 import numpy as np
 
-from moejax.sweep.analysis import Comparison, RunResult
+from moejax.sweep.analysis import Comparison, RunResult, grid_edge_warnings
 
 PLOTS = {
     "loss_vs_steps.png": ("steps", "step"),
@@ -54,6 +54,9 @@ def write_markdown(path: str, cmp: Comparison, header: str, plots: list[str]) ->
     lines.append(f"| {s.arm} | {_trial_text(s.best_trial)} | {s.final_loss:.4f} | {s.final_loss - base.final_loss:+.4f} "
                  f"| {_fmt(s.steps_to_target, 4)} | {_fmt(s.steps_speedup, 3)} | {_fmt(s.d_eff_ratio, 3)} "
                  f"| {s.wall_s:.1f} |")
+  edges = grid_edge_warnings(cmp)
+  if edges:
+    lines += ["", "**Warning: best trial on the edge of its grid.**", ""] + [f"- {w}" for w in edges]
   lines += ["", "## Tuning (final validation loss per trial: median [min, max] over seeds)", "",
             "| arm | trial | median | min | max |", "|---|---|---|---|---|"]
   for s in cmp.arms.values():

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 
 from moejax import config as config_lib
-from moejax.sweep.analysis import Comparison, Curve, RunResult, read_run, steps_to_reach, summarize
+from moejax.sweep.analysis import Comparison, Curve, RunResult, grid_edge_warnings, read_run, steps_to_reach, summarize
 from moejax.sweep.report import write_csv, write_markdown, write_plots
 from moejax.sweep.spec import (Run, Sweep, budget_runs, check_command_line, load_sweep, main_runs, quick,
                                run_config, tokens_per_step)
@@ -180,6 +180,8 @@ def _run(base_cfg, sweep: Sweep, workdir: str, parallel: int, command: str, comm
       raise config_lib.ConfigError(f"every run of arm {name!r} diverged; lower its learning rates.")
   first = cfgs[runs[0].name]
   comparison = summarize(sweep, results, float(first.train.steps * tokens_per_step(first)))
+  for warning in grid_edge_warnings(comparison):
+    log.warning("sweep: %s", warning)
   steps_to_target = {r.run.name: steps_to_reach(r.curve, comparison.target)
                      for r in results if r.run.budget == 1.0 and len(r.curve.loss)}
   write_csv(os.path.join(workdir, "results.csv"), results, steps_to_target)

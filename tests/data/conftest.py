@@ -3,6 +3,7 @@
 import pytest
 
 from moejax.config import base_config
+from tests.oracle import require
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def data_cfg():
 @pytest.fixture
 def sentencepiece_model(tmp_path, corpus):
   """(path, SentencePieceProcessor) of a tiny BPE model trained offline on ``corpus``."""
-  spm = pytest.importorskip("sentencepiece")
+  spm = require("sentencepiece")
   prefix = tmp_path / "sp"
   spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(prefix),
                                  vocab_size=60, model_type="bpe", minloglevel=2)

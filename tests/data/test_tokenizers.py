@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moejax.data import get_tokenizer, make_iterator, tokenizer_vocab_size
+from tests.oracle import require
 
 TEXTS = ["", "hello world", "naïve café — ünïcödé ✓ 日本語 🙂", "tabs\tand\nnewlines\r\n",
          "\x00\x7f"]
@@ -58,7 +59,7 @@ def test_sentencepiece_matches_library(sentencepiece_model, corpus):
 
 @pytest.fixture
 def hf_tokenizer_file(tmp_path, corpus):
-  tokenizers = pytest.importorskip("tokenizers")
+  tokenizers = require("tokenizers")
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()

@@ -9,14 +9,13 @@ import pytest
 
 from moejax import cli
 from tests.interop import hf_models
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.oracle import require
 
 
 @pytest.fixture(scope="module")
 def converted_workdir(tmp_path_factory):
   """(HF model, ids, a converted workdir); tests that write into the workdir copy it first."""
+  require("torch"), require("transformers")
   tmp_path = tmp_path_factory.mktemp("convert")
   model, ids = hf_models.build("mixtral-sliding")
   hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "workdir")
@@ -28,7 +27,7 @@ def converted_workdir(tmp_path_factory):
 
 
 def _byte_tokenizer() -> dict:
-  tokenizers = pytest.importorskip("tokenizers")
+  tokenizers = require("tokenizers")
   vocab = {chr(i) if 32 < i < 127 else f"<{i}>": i for i in range(256)}
   vocab["</s>"] = 256
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<0>"))

@@ -18,12 +18,9 @@ import pytest
 from moejax import cli
 from moejax.config import ConfigError, load_config
 from tests.interop import hf_models
+from moejax.interop import hf
 from tests.interop.test_hf import RTOL_OF_SCALE
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from moejax.interop import hf  # noqa: E402
+from tests.oracle import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=96)
@@ -89,6 +86,7 @@ def _model(spec: str, overrides: dict):
 
 @pytest.mark.parametrize("spec", sorted(EXPORTABLE))
 def test_shipped_config_exports_with_from_pretrained_parity(spec, tmp_path):
+  require("torch"), require("transformers")
   model_type, overrides = EXPORTABLE[spec]
   cfg, model, variables, ids = _model(spec, overrides)
   assert hf.config_to_hf(cfg)["model_type"] == model_type
@@ -121,6 +119,7 @@ TRAIN_FAST = ["--config.train.steps=1", "--config.train.batch_size=8", "--config
      "glm4_moe"),
 ])
 def test_cli_convert_to_hf_of_a_trained_tiny_model(spec, extra, model_type, tmp_path, capsys):
+  require("torch"), require("transformers")
   workdir, out = str(tmp_path / "w"), str(tmp_path / "hf")
   assert cli.main(["train", "--config", os.path.join(ROOT, spec), "--workdir", workdir, *TRAIN_FAST, *extra]) == 0
   assert cli.main(["convert", "--to-hf", workdir, "--out", out]) == 0

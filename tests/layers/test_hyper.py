@@ -15,6 +15,7 @@ from moejax.layers.mlp import MLP
 from moejax.layers.norms import RMSNorm
 from moejax.models import Block, Transformer
 from tests.helpers import tiny_model_cfg, unboxed_init  # importing helpers registers "linear_test"
+from tests.oracle import require
 
 ATOL, RTOL = 2e-5, 2e-5
 
@@ -189,8 +190,8 @@ def test_mhc_parameter_layout_and_init():
 # ---------------------------------------------- parity with transformers' V4
 
 def _v4():
-  torch = pytest.importorskip("torch")
-  v4 = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+  torch = require("torch")
+  v4 = require("transformers.models.deepseek_v4.modeling_deepseek_v4")
   return torch, v4
 
 

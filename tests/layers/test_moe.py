@@ -88,16 +88,27 @@ def test_dropless_layer_matches_bruteforce(routing):
   assert float(sown["metrics"]["dropped_fraction"][0]) == 0.0
 
 
+def test_capacity_is_the_smallest_slot_count_that_holds_factor_times_the_mean_load():
+  """Written out: the least C >= 1 with C * E >= factor * N * k (C slots per expert hold factor x the
+  mean load N k / E), never more than N (an expert holds each token at most once)."""
+  for n, k, e, factor in [(18, 3, 8, 0.5), (18, 3, 8, 1.0), (18, 3, 8, 1.25), (1, 1, 64, 1.0), (4096, 6, 64, 1.0),
+                          (10, 8, 2, 2.0), (7, 2, 16, 0.01), (24, 2, 8, 1.5), (96, 1, 3, 1.1)]:
+    c = 1
+    while c < n and c * e < factor * n * k - 1e-9:
+      c += 1
+    assert capacity(n, k, e, factor) == c, (n, k, e, factor)
+  assert capacity(18, 3, 8, 0.5) == 4 and capacity(18, 3, 8, 1.0) == 7  # ceil(3.375), ceil(6.75)
+
+
 @pytest.mark.parametrize("backend", CAPACITY_BACKENDS)
-@pytest.mark.parametrize("factor", [0.5, 1.0])
-def test_capacity_mode_drops_like_the_reference(backend, factor):
+@pytest.mark.parametrize("factor,cap", [(0.5, 4), (1.0, 7)])  # ceil(factor * 18 tokens * 3 / 8 experts)
+def test_capacity_mode_drops_like_the_reference(backend, factor, cap):
   cfg = moe_cfg(backend=backend, dispatch="capacity", capacity_factor=factor, top_k=3)
   rng = np.random.default_rng(1)
   x = rng.normal(size=(2, 9, D)).astype(np.float32)
   ids = rng.integers(0, 48, size=(2, 9))
   layer, variables = init_moe(cfg, x, ids)
   y, sown = jax.jit(lambda v: layer.apply(v, x, ids, mutable=["metrics"]))(variables)
-  cap = capacity(18, 3, E, factor)
   expected, dropped = np_layer(cfg, variables, x, ids, cap=cap)
   assert dropped > 0
   chex.assert_trees_all_close(np.asarray(y), expected.astype(np.float32), rtol=1e-4, atol=1e-5)
@@ -187,6 +198,39 @@ def test_balance_losses_and_z_loss_match_numpy():
   np.testing.assert_allclose(moe_lib.router_z_loss(jnp.asarray(logits.reshape(-1, E))), z, rtol=1e-5)
   # Uniform routing gives exactly 1.
   np.testing.assert_allclose(moe_lib.balance_loss(jnp.ones((1, E)), jnp.full((1, E), 1 / E)), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_layer_balance_losses_match_numpy_from_raw_router_outputs(score):
+  """The layer's Switch, sequence-wise and z losses (and their weighted sum) against NumPy that starts from
+  the gate logits x W_gate: its own scores, top-k choice, counts and per-token probabilities."""
+  b, t, k = 3, 7, 2
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(b, t, D)).astype(np.float32)
+  ids = rng.integers(0, 48, size=(b, t))
+  weights = dict(load_balance_weight=0.01, seq_balance_weight=0.003, z_loss_weight=1e-3)
+  layer, variables = init_moe(moe_cfg(score=score, top_k=k, **weights), x, ids)
+  _, sown = jax.jit(lambda v: layer.apply(v, x, ids, mutable=["aux_loss", "metrics"]))(variables)
+  logits = x.reshape(-1, D).astype(np.float64) @ np.asarray(variables["params"]["router"]["w_gate"], np.float64)
+  if score == "softmax":
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    chosen = probs
+  else:
+    chosen = 1 / (1 + np.exp(-logits))
+    probs = chosen / chosen.sum(-1, keepdims=True)  # DeepSeek-V3's per-token normalised s'
+  counts = np.zeros((b, E))
+  for n, row in enumerate(chosen):
+    for expert in np.argsort(-row)[:k]:
+      counts[n // t, expert] += 1
+  probs = probs.reshape(b, t, E)
+  switch = E * np.sum(counts.sum(0) / (b * t * k) * probs.mean((0, 1)))
+  seq = np.mean([E * np.sum(counts[i] / (t * k) * probs[i].mean(0)) for i in range(b)])
+  z = np.mean(np.log(np.sum(np.exp(logits), -1)) ** 2)
+  m = {key: float(v[0]) for key, v in sown["metrics"].items() if key != "expert_load"}
+  np.testing.assert_allclose([m["load_balance_loss"], m["seq_balance_loss"], m["z_loss"]], [switch, seq, z], rtol=1e-5)
+  np.testing.assert_allclose(float(sown["aux_loss"]["moe"][0]), 0.01 * switch + 0.003 * seq + 1e-3 * z, rtol=1e-5)
+  np.testing.assert_allclose(sown["metrics"]["expert_load"][0], counts.sum(0) / counts.sum(0).mean(), rtol=1e-6)
 
 
 def test_aux_losses_are_weighted_from_config_and_zero_by_default():

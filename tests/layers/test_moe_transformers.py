@@ -11,9 +11,10 @@ import pytest
 
 from moejax.layers.mlp import MLP
 from tests.layers.test_moe import D, E, F
+from tests.oracle import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 B, T, V = 2, 5, 320  # V >= the byte tokenizer, so the converted config validates
 

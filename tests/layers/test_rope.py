@@ -8,6 +8,7 @@ import pytest
 from moejax.layers.rope import Rope, Yarn, apply_rope
 from tests.layers import attention_reference as ref
 from tests.layers.test_attention import yarn_inv_freq
+from tests.oracle import require
 
 
 @pytest.mark.parametrize("dim", [0, 4])
@@ -61,7 +62,8 @@ def test_yarn_attention_scales(fields, cos_sin, softmax):
 
 
 def test_yarn_matches_transformers():
-  torch = pytest.importorskip("torch")
+  torch = require("torch")
+  require("transformers")
   from transformers import DeepseekV3Config
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

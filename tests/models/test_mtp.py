@@ -85,6 +85,41 @@ def test_mtp_modules_match_a_direct_reference(streams):
     h_prev = want
 
 
+def test_mtp_modules_match_plain_numpy_math():
+  """Trunk, MTP modules and logits written out in NumPy from the parameters (no moejax module applied):
+  linear sublayers, plain residual; ``h_k = norm(block(concat(norm(E[t_{i+k}]), norm(h_{k-1})) W_eh))``."""
+  cfg = _cfg(1, depth=2, tie_embeddings=False, attention_types=("linear_test",), mlp_types=("linear_test",))
+  cfg = FrozenConfigDict({**cfg.as_configdict().to_dict(), "mtp": {**cfg.mtp, "attention_type": "linear_test",
+                                                                    "mlp_type": "linear_test"}})
+  model = Transformer(cfg)
+  b, t = 2, 9
+  tokens = np.random.default_rng(3).integers(0, 64, size=(b, t))
+  params = meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))["params"]
+  params = jax.tree.map(lambda x: x + 0.1 * np.random.default_rng(x.size).normal(size=x.shape), params)  # norms != 1
+  logits, hidden = jax.jit(lambda p, x: (model.apply({"params": p}, x), model.apply({"params": p}, x,
+                                                                                     return_hidden=True)))(params, tokens)
+  p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+
+  def block(x_BxTxD, p):  # x + norm(x) W_attn, then h + norm(h) W_mlp
+    h = x_BxTxD + _rms(x_BxTxD, p["attention_norm"]["scale"]) @ p["attention"]["w"]
+    return h + _rms(h, p["mlp_norm"]["scale"]) @ p["mlp"]["w"]
+
+  x = p64["embed"][tokens]
+  for i in range(cfg.num_layers):
+    x = block(x, p64[f"layer_{i}"])
+  x = _rms(x, p64["final_norm"]["scale"])
+  np.testing.assert_allclose(hidden.x_BxTxD, x, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(logits, x @ p64["lm_head"], atol=1e-4, rtol=1e-5)
+  h_prev = x
+  for k in (1, 2):
+    p = p64[f"mtp_{k}"]
+    ids = np.concatenate([tokens[:, k:], np.zeros((b, k), tokens.dtype)], axis=1)  # t_{i+k}, 0 past the end
+    eh = np.concatenate([_rms(p64["embed"][ids], p["embed_norm"]["scale"]), _rms(h_prev, p["hidden_norm"]["scale"])],
+                        axis=-1)
+    h_prev = _rms(block(eh @ p["eh_proj"], p["block"]), p["final_norm"]["scale"])
+    np.testing.assert_allclose(hidden.mtp[k - 1], h_prev, atol=2e-5, rtol=2e-5)
+
+
 def test_mhc_and_mtp_are_causal_and_keep_packed_documents_apart():
   """Main logits at t never see tokens after t; MTP depth k at t sees tokens
   up to t+k only; a packed document gives what it gives alone."""

@@ -86,3 +86,62 @@ def test_orthogonality_error_is_rms_of_squared_singular_values_minus_one():
     s = np.linalg.svd(oi, compute_uv=False)
     np.testing.assert_allclose(ei, np.sqrt(np.mean((s**2 - 1) ** 2)), rtol=1e-4)
   np.testing.assert_allclose(np.asarray(orthogonality_error(jnp.zeros((1, 4, 6)))), [1.0])
+
+
+# The published coefficient tables, written out here (not read from moejax): Keller Jordan's quintic (Muon,
+# 2024) and Amsel et al. 2025, "The Polar Express", Algorithm 1 for l = 1e-3, whose reference code divides
+# every step but the last by (1.01, 1.01^3, 1.01^5) and the input by 1.01 |X|_F.
+PUBLISHED_QUINTIC = (3.4445, -4.7750, 2.0315)
+PUBLISHED_POLAR_EXPRESS = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+]
+# Max |sigma - 1| of the output for inputs with sigma / |X|_F >= 0.01 (the docstring's bands), by step count.
+STATED_BOUND = {
+    "quintic": {5: 0.32, 6: 0.32, 7: 0.32, 8: 0.32},            # [0.68, 1.14]: a band, not convergence
+    "polar_express": {5: 0.13, 6: 3e-3, 7: 1e-4, 8: 1e-4},    # 1e-4: float32 round-off of the iteration
+}
+
+
+def _published(name: str, steps: int) -> tuple[list[tuple[float, float, float]], float]:
+  if name == "quintic":
+    return [PUBLISHED_QUINTIC] * steps, 1.0
+  safe = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in PUBLISHED_POLAR_EXPRESS[:-1]]
+  rows = safe + PUBLISHED_POLAR_EXPRESS[-1:]
+  return [rows[min(i, len(rows) - 1)] for i in range(steps)], 1.01
+
+
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
+def test_coefficient_tables_are_the_published_ones(coefficients):
+  for steps in range(1, 11):
+    rows, norm_scale = _published(coefficients, steps)
+    np.testing.assert_allclose(COEFFICIENTS[coefficients].schedule(steps), rows, rtol=1e-15)
+    assert COEFFICIENTS[coefficients].norm_scale == norm_scale
+
+
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
+@pytest.mark.parametrize("steps", range(1, 9))
+def test_iterates_against_the_svd_polar_factor(coefficients, steps):
+  """Every step count: the iterate is U p(S) V^T with p composed here from the published coefficients; its
+  distance to the SVD polar factor U V^T is max |p(s) - 1|, within the stated bound from 5 steps on."""
+  x = _matrices((24, 40), n=2, smallest=0.05)
+  got = np.asarray(newton_schulz(jnp.asarray(x), coefficients, steps, jnp.float32), np.float64)
+  rows, norm_scale = _published(coefficients, steps)
+  for xi, oi in zip(x.astype(np.float64), got):
+    u, s, vt = np.linalg.svd(xi, full_matrices=False)
+    p = s / (np.linalg.norm(xi) * norm_scale)
+    assert p.min() * norm_scale >= 0.01  # the range the stated bounds cover
+    for a, b, c in rows:
+      p = a * p + b * p**3 + c * p**5
+    np.testing.assert_allclose(oi, (u * p) @ vt, atol=3e-5)
+    distance = np.linalg.norm(oi - u @ vt, ord=2)  # spectral norm
+    np.testing.assert_allclose(distance, np.max(np.abs(p - 1)), atol=3e-5)
+    s_out = np.linalg.svd(oi, compute_uv=False)
+    if steps in STATED_BOUND[coefficients]:
+      assert np.max(np.abs(s_out - 1)) <= STATED_BOUND[coefficients][steps], (s_out.min(), s_out.max())

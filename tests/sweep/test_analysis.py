@@ -89,3 +89,19 @@ def test_read_run_wall_time_excludes_compilation(tmp_path):
   np.testing.assert_allclose(result.curve.wall_s, [4.0, 6.0])  # the first 10 steps at the later 0.2 s/step
   np.testing.assert_allclose(result.curve.tokens, [2000, 3000])
   assert (result.final_eval_loss, result.final_train_loss, result.wall_s) == (2.1, 2.0, 6.0)
+
+
+def test_best_trial_on_the_edge_of_its_grid_is_warned_about(tmp_path):
+  from moejax.sweep.analysis import grid_edge_warnings
+  from moejax.sweep.report import write_markdown
+
+  sweep = Sweep({"adamw": Arm({}, {"optim.learning_rate": [1e-3, 3e-3, 1e-2]}),
+                 "lion": Arm({}, {"optim.learning_rate": [1e-4, 3e-4, 1e-3]})}, seeds=(0,), budgets=())
+  results = [_result("adamw", lr, 0, [4, 3, loss]) for lr, loss in ((1e-3, 2.5), (3e-3, 2.2), (1e-2, 2.4))]
+  results += [_result("lion", lr, 0, [4, 3, loss]) for lr, loss in ((1e-4, 2.9), (3e-4, 2.6), (1e-3, 2.3))]
+  cmp = summarize(sweep, results, tokens_main=3000.0)
+  warnings = grid_edge_warnings(cmp)
+  assert warnings == ["arm 'lion': its best optim.learning_rate=0.001 is the largest value of its grid "
+                      "[0.0001, 0.0003, 0.001]; the optimum may lie outside it: extend the grid above 0.001."]
+  write_markdown(str(tmp_path / "results.md"), cmp, "# t", [])
+  assert warnings[0] in (tmp_path / "results.md").read_text()

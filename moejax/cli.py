@@ -7,6 +7,7 @@
   moejax distill --config configs/distill_tiny.py --workdir workdirs/distill_tiny
   moejax convert --from-hf path/to/hf_checkpoint --out workdirs/converted [--dtype bfloat16]
   moejax convert --to-hf workdirs/converted --out path/to/hf_out
+  moejax data prepare --input 'corpus/*.jsonl' --tokenizer byte --out data/corpus [--workers 4]
 
 Config overrides use ml-collections' dotted flags; an unknown or ill-typed
 field is an error. All logic lives in the library (``moejax.train``).
@@ -46,6 +47,9 @@ commands:
           config.json and an Orbax checkpoint that train/eval resume from
           --to-hf WORKDIR --out DIR [--model-type T] [--dtype D]: the newest checkpoint
           of WORKDIR -> config.json + safetensors that transformers loads
+  data    prepare --input GLOBS --tokenizer T --out DIR [--format jsonl|txt|parquet]
+          [--field text] [--workers N]: tokenize a corpus once into ArrayRecord shards
+          (resumable) for --config.data.source=array_record --config.data.path=DIR
 """
 
 
@@ -221,8 +225,15 @@ def cmd_convert(argv: list[str]) -> int:
   return 0
 
 
+def cmd_data(argv: list[str]) -> int:
+  if argv[:1] != ["prepare"]:
+    raise flags.Error("usage: moejax data prepare --input GLOBS --tokenizer T --out DIR (see docs/data.md)")
+  from moejax.data.prepare import main as prepare_main
+  return prepare_main(argv[1:])
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
-            "convert": cmd_convert, "distill": cmd_distill}
+            "convert": cmd_convert, "distill": cmd_distill, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = attention_config()
 
   c.data = ml_collections.ConfigDict(dict(
-      source="stdlib",         # stdlib | passkey | mqar | copy | files
+      source="stdlib",         # stdlib | passkey | mqar | copy | files | array_record
       seq_len=256,
       tokenizer="byte",        # byte | path to a SentencePiece .model or tokenizers .json
       files="",                # source=files: comma-separated globs of .txt/.jsonl
@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
       task_length=128,         # synthetic tasks: tokens per example
       val_fraction=0.05,       # stdlib/files: share of *files* held out
       shards=1,                # independent data shards per global batch (multiple of #processes)
+      path="",                 # source=array_record: a directory written by `moejax data prepare --out`
+      mixture="",              # source=array_record: "NAME=WEIGHT[:DIR],..." (DIR default: path/NAME)
+      workers=0,               # grain worker processes producing batches (0: in the training thread)
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -261,6 +264,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   """Raises ConfigError naming every invalid field; silent when all is well."""
   # Imports here: the registries fill as their modules load.
   from moejax.data import SOURCES, tokenizer_vocab_size
+  from moejax.data.array_record import validate as validate_array_record
   from moejax.distill.config import validate_distill
   from moejax.layers.attention import ATTENTION
   from moejax.layers.mlp import MLP
@@ -321,6 +325,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _check(e, 0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1).")
   _check(e, d.source != "files" or bool(d.files.strip()),
          "data.source='files' needs data.files, e.g. --config.data.files='corpus/*.txt'.")
+  e.extend(validate_array_record(cfg))
   if not e:
     try:
       vocab = tokenizer_vocab_size(d.tokenizer)

@@ -4,8 +4,7 @@ the in-memory ``files`` pipeline, ``transformers``' tokenizer, the raw ArrayReco
 import json
 import os
 import signal
-import subprocess
-import sys
+import multiprocessing
 import time
 
 import numpy as np
@@ -97,3 +96,178 @@ def test_split_is_by_document_text_and_stable_under_adding_files(tmp_path):
     with open(source["path"], "rb") as f:
       assert source["sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert source["documents"] == len(corpus[source["path"]])
+
+
+def test_hf_tokenizer_of_a_converted_workdir_matches_transformers(tmp_path, corpus):
+  tokenizers = pytest.importorskip("tokenizers")
+  transformers = pytest.importorskip("transformers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(corpus, trainer)
+  workdir = tmp_path / "converted"  # the layout `moejax convert --from-hf` leaves
+  os.makedirs(workdir / "tokenizer")
+  tok.save(str(workdir / "tokenizer" / "tokenizer.json"))
+  texts = _write_corpus(tmp_path / "text", files=2, docs=40)
+  prepare([str(tmp_path / "text" / "*.jsonl")], str(workdir), str(tmp_path / "out"), val_fraction=0.0,
+          show_progress=False)
+  oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(workdir / "tokenizer" / "tokenizer.json"))
+  bos, eos = oracle.convert_tokens_to_ids("<s>"), oracle.convert_tokens_to_ids("</s>")
+  want = [[bos] + oracle.encode(t, add_special_tokens=False) + [eos] for p in sorted(texts) for t in texts[p]]
+  assert _records(tmp_path / "out", "train") == want
+  assert any(len(w) < len(t.encode()) for w, t in zip(want, texts[sorted(texts)[0]]))  # real merges happened
+  with open(tmp_path / "out" / MANIFEST) as f:
+    manifest = json.load(f)
+  assert manifest["tokenizer"]["vocab_size"] == oracle.vocab_size and manifest["dtype"] == "uint16"
+
+
+def test_prepare_resumes_after_kill_9(tmp_path):
+  _write_corpus(tmp_path / "text", files=4, docs=300)
+  inputs, out, reference = str(tmp_path / "text" / "*.jsonl"), str(tmp_path / "out"), str(tmp_path / "reference")
+  args = dict(val_fraction=0.1, shard_tokens=1000, show_progress=False)
+  prepare([inputs], "byte", reference, **args)
+  # A forked child (this process has everything imported) killed with SIGKILL mid-way.
+  proc = multiprocessing.get_context("fork").Process(target=prepare, args=([inputs], "byte", out), kwargs=args)
+  proc.start()
+  parts = tmp_path / "out" / ".prepare" / "parts"
+  deadline = time.time() + 120
+  while time.time() < deadline and not (parts.is_dir() and len(os.listdir(parts)) >= 3):
+    time.sleep(0.01)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.join()
+  assert proc.exitcode == -signal.SIGKILL
+  assert not (tmp_path / "out" / MANIFEST).exists()
+  finished = sorted(f for f in os.listdir(parts) if f.endswith(".json"))
+  assert finished, "prepare finished no part before the kill"
+  kept = {f: os.stat(tmp_path / "out" / "train" / (f[:-5] + ".array_record")).st_ino for f in finished
+          if (tmp_path / "out" / "train" / (f[:-5] + ".array_record")).exists()}
+  prepare([inputs], "byte", out, **args)
+  for split in ("train", "validation"):
+    assert _records(out, split) == _records(reference, split)
+  with open(os.path.join(out, MANIFEST)) as f, open(os.path.join(reference, MANIFEST)) as g:
+    assert json.load(f)["splits"] == json.load(g)["splits"]
+  for f, inode in kept.items():  # finished parts were kept, not rewritten
+    assert os.stat(tmp_path / "out" / "train" / (f[:-5] + ".array_record")).st_ino == inode
+  assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
+
+
+ALPHABETS = {"web": "abcdefghij", "code": "klmnopqrst", "math": "0123456789"}  # disjoint byte ranges
+
+
+@pytest.fixture(scope="module")
+def mixture_root(tmp_path_factory):
+  """data/{web,code,math}: prepared sources whose documents use disjoint characters."""
+  root = tmp_path_factory.mktemp("mixture")
+  rng = np.random.default_rng(0)
+  for name, alphabet in ALPHABETS.items():
+    os.makedirs(root / "text" / name)
+    with open(root / "text" / name / "docs.jsonl", "w") as f:
+      for _ in range(150):
+        f.write(json.dumps({"text": "".join(rng.choice(list(alphabet), rng.integers(20, 60)))}) + "\n")
+    prepare([str(root / "text" / name / "docs.jsonl")], "byte", str(root / "data" / name), val_fraction=0.1,
+            show_progress=False)
+  return root / "data"
+
+
+def _source_of_segments(batch):
+  """Independent per-source token counts: each packed chunk's source read off its characters."""
+  counts = dict.fromkeys(ALPHABETS, 0)
+  for row_ids, row_inputs in zip(batch["segment_ids"], batch["inputs"]):
+    for segment in set(row_ids[row_ids > 0].tolist()):
+      tokens = row_inputs[row_ids == segment]
+      text = bytes((tokens[tokens >= 3] - 3).astype(np.uint8).tolist()).decode()
+      (name,) = {n for n, a in ALPHABETS.items() if set(text) <= set(a)}
+      counts[name] += len(tokens)
+  return counts
+
+
+def _mixture_batches(mixture_root, **data):
+  cfg = _cfg(source="array_record", path=str(mixture_root), mixture="web=0.6,code=0.3,math=0.1", seq_len=32,
+             **data)
+  validate(cfg)
+  return ShardedBatches(cfg.data, split="train", global_batch=8, seed=0, num_shards=2)
+
+
+def test_mixture_follows_weights_and_counts_tokens_per_source(mixture_root):
+  batches = _mixture_batches(mixture_root)
+  want = dict.fromkeys(ALPHABETS, 0)
+  for batch in _take(batches, 150):
+    assert "sources" not in batch
+    for name, n in _source_of_segments(batch).items():
+      want[name] += n
+  assert batches.source_tokens() == {f"data_tokens_{n}": want[n] for n in ALPHABETS}
+  total = sum(want.values())
+  for name, weight in (("web", 0.6), ("code", 0.3), ("math", 0.1)):
+    assert abs(want[name] / total - weight) < 0.05, want
+  again = _mixture_batches(mixture_root)
+  assert _same(_take(again, 20), _take(_mixture_batches(mixture_root), 20))  # deterministic given the seed
+
+
+def test_resume_mid_mixture_is_exact(mixture_root):
+  expected = _mixture_batches(mixture_root)
+  want = _take(expected, 40)
+  for k in (3, 17):
+    original = _mixture_batches(mixture_root)
+    _take(original, k)
+    states = json.loads(json.dumps(original.shard_states()))  # what the checkpoint writes
+    resumed = _mixture_batches(mixture_root)
+    resumed.set_shard_states(states)
+    assert resumed.source_tokens() == original.source_tokens()
+    assert _same(_take(resumed, 40 - k), want[k:])
+    assert resumed.source_tokens() == expected.source_tokens()
+
+
+def _one_document_per_row_corpus(tmp_path, seq_len, docs):
+  """Documents of exactly seq_len + 1 tokens (bos + text + eos): each fills one packed row."""
+  os.makedirs(tmp_path / "text")
+  texts = [f"{i:06d}".ljust(seq_len - 1, "x") for i in range(docs)]
+  with open(tmp_path / "text" / "d.jsonl", "w") as f:
+    f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+  prepare([str(tmp_path / "text" / "d.jsonl")], "byte", str(tmp_path / "out"), val_fraction=0.0,
+          shard_tokens=500, show_progress=False)
+  return texts
+
+
+def test_two_processes_read_disjoint_shards_covering_each_epoch_once(tmp_path):
+  seq_len, docs = 16, 90
+  texts = _one_document_per_row_corpus(tmp_path, seq_len, docs)
+  cfg = _cfg(source="array_record", path=str(tmp_path / "out"), seq_len=seq_len).data
+  epochs = []
+  for process in range(2):
+    batches = ShardedBatches(cfg, split="train", global_batch=4, seed=1, num_shards=2, process_index=process,
+                             process_count=2)
+    rows = [bytes((row[1:] - 3).astype(np.uint8).tolist()).decode()
+            for batch in _take(batches, docs // 2) for row in batch["inputs"]]
+    assert all(np.all(b["segment_ids"] == 1) for b in _take(batches, 2))
+    epochs.append((rows[:docs // 2], rows[docs // 2:]))  # this process's 45 documents, twice
+  for first, second in epochs:
+    assert len(set(first)) == docs // 2 and set(first) == set(second) and first != second
+  assert not set(epochs[0][0]) & set(epochs[1][0])
+  assert sorted(epochs[0][0] + epochs[1][0]) == sorted(texts)
+
+
+def test_reading_keeps_rss_flat_on_a_corpus_far_larger_than_the_buffers(tmp_path):
+  def rss_mib():
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+  rng = np.random.default_rng(0)
+  alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz    ", np.uint8)
+  os.makedirs(tmp_path / "text")
+  with open(tmp_path / "text" / "big.jsonl", "w") as f:
+    for _ in range(8000):
+      f.write(json.dumps({"text": rng.choice(alphabet, 2000).tobytes().decode()}) + "\n")
+  manifest = prepare([str(tmp_path / "text" / "big.jsonl")], "byte", str(tmp_path / "out"), val_fraction=0.0,
+                     show_progress=False)
+  corpus_mib = manifest["splits"]["train"]["tokens"] * 4 / 2**20  # as int32 in memory
+  assert corpus_mib > 60  # ~20x the pipeline's buffers (a 2**18-token chunk window, a few batches)
+  cfg = _cfg(source="array_record", path=str(tmp_path / "out"), seq_len=256).data
+  before = rss_mib()
+  it = make_iterator(cfg, split="train", batch_size=8, seed=0)
+  _take(it, 20)
+  built = rss_mib()
+  _take(it, 500)  # ~1M tokens from ~500 documents scattered over the corpus
+  assert built - before < corpus_mib / 4, (before, built)
+  assert rss_mib() - built < 8, (built, rss_mib())

@@ -496,7 +496,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
         evaluating = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
         eval_metrics = exp.evaluate(state, t.eval_batches) if evaluating else {}
         if writer and (step % t.log_every == 0 or step == t.steps or evaluating):
-          writer.write(step, {**jax.device_get(metrics), **eval_metrics})
+          writer.write(step, {**jax.device_get(metrics), **eval_metrics,
+                              **getattr(data, "source_tokens", dict)()})  # mixtures: data_tokens_NAME
         stopping = stop.should_stop(step)
         if step % t.checkpoint_every == 0 or step == t.steps or stopping:
           ckpt.save(step, state, data)

@@ -168,7 +168,7 @@ def make_iterator(data_cfg, *, split: str, batch_size: int, seed: int, process_i
   source = SOURCES.get(data_cfg.source)(data_cfg, split, tokenizer)
   ds = build_dataset(source, split=split, seq_len=data_cfg.seq_len, batch_size=batch_size,
                      seed=seed, pad_id=tokenizer.pad_id, process_index=process_index,
-                     process_count=process_count, workers=data_cfg.get("workers", 0))
+                     process_count=process_count, workers=data_cfg.get("workers", 0) if split == "train" else 0)
   return iter(ds)
 
 

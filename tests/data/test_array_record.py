@@ -271,3 +271,111 @@ def test_reading_keeps_rss_flat_on_a_corpus_far_larger_than_the_buffers(tmp_path
   _take(it, 500)  # ~1M tokens from ~500 documents scattered over the corpus
   assert built - before < corpus_mib / 4, (before, built)
   assert rss_mib() - built < 8, (built, rss_mib())
+
+
+def test_training_logs_and_resumes_per_source_tokens(mixture_root, tmp_path, devices):
+  from moejax.train import train
+  cfg = _cfg(source="array_record", path=str(mixture_root), mixture="web=0.6,code=0.3,math=0.1", seq_len=32)
+  cfg.model.update(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, ffn_dim=64)
+  cfg.train.update(steps=1, batch_size=8, log_every=1, checkpoint_every=1, async_checkpoint=False)
+  validate(cfg)
+  train(cfg, str(tmp_path / "run"), devices[:1])
+  cfg.train.steps = 3
+  train(cfg, str(tmp_path / "run"), devices[:1])  # resumes from the checkpoint of step 1
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    logged = {r["step"]: {k: v for k, v in r.items() if k.startswith("data_tokens_")} for r in map(json.loads, f)}
+  reference = ShardedBatches(cfg.data, split="train", global_batch=8, seed=cfg.seed, num_shards=1)
+  for step in range(1, 4):
+    next(reference)
+    assert logged[step] == reference.source_tokens()
+
+
+def _prepared(tmp_path, **kwargs):
+  _write_corpus(tmp_path / "text", files=2, docs=40)
+  out = str(tmp_path / "out")
+  prepare([str(tmp_path / "text" / "*.jsonl")], "byte", out, show_progress=False, **kwargs)
+  return out
+
+
+def _shard(out, split="train", index=0):
+  with open(os.path.join(out, MANIFEST)) as f:
+    return os.path.join(out, json.load(f)["splits"][split]["shards"][index]["file"])
+
+
+def _expect_config_error(cfg, *fragments):
+  with pytest.raises(ConfigError) as err:
+    validate(cfg)
+  for fragment in fragments:
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_missing_truncated_or_garbled_shards_are_named(tmp_path):
+  out = _prepared(tmp_path, val_fraction=0.2, shard_tokens=600)
+  cfg = _cfg(source="array_record", path=out, seq_len=32)
+  validate(cfg)
+  missing, truncated, garbled = _shard(out, index=0), _shard(out, index=1), _shard(out, index=2)
+  os.remove(missing)
+  with open(truncated, "r+b") as f:
+    f.truncate(os.path.getsize(truncated) // 2)
+  with open(garbled, "r+b") as f:
+    f.write(b"\0" * os.path.getsize(garbled))
+  _expect_config_error(cfg, f"{missing} listed in", "is missing", f"{truncated} has", "truncated",
+                       f"{garbled} is not a readable ArrayRecord", "moejax data prepare")
+
+
+def test_manifest_of_another_tokenizer_or_vocabulary_is_refused(tmp_path, sentencepiece_model):
+  out = _prepared(tmp_path, val_fraction=0.2)
+  cfg = _cfg(source="array_record", path=out, tokenizer=sentencepiece_model[0], seq_len=32)
+  _expect_config_error(cfg, f"{out}/{MANIFEST} was tokenized with 'byte'", "data.tokenizer=")
+  cfg = _cfg(source="array_record", path=out, seq_len=32)
+  cfg.model.vocab_size = 100
+  _expect_config_error(cfg, "holds token id", "model.vocab_size=100")
+
+
+def test_empty_split_unfinished_prepare_and_missing_path_are_named(tmp_path):
+  out = _prepared(tmp_path, val_fraction=0.0)
+  cfg = _cfg(source="array_record", path=out, seq_len=32)
+  validate(cfg)
+  cfg.train.eval_every = 10
+  _expect_config_error(cfg, f"the validation split of {out} has 0 tokens", "--config.train.eval_every=0")
+  os.remove(os.path.join(out, MANIFEST))
+  _expect_config_error(cfg, f"{out}/{MANIFEST} does not exist", "rerun the same command")
+  _expect_config_error(_cfg(source="array_record"), "data.path=DIR")
+  _expect_config_error(_cfg(source="stdlib", mixture="a=1:/x"), "data.source=array_record")
+  _expect_config_error(_cfg(workers=-1), "data.workers=-1")
+
+
+@pytest.mark.parametrize("mixture, fragments", [
+    ("web=0.7,code=0", ["'code=0'", "must be > 0"]),
+    ("web=-1,code=1", ["'web=-1'", "must be > 0"]),
+    ("web=0.5,video=0.5", ["source 'video': unknown source", "['code', 'math', 'web']"]),
+    ("web=half", ["weight 'half' is not a number"]),
+    ("web", ["'web' is not NAME=WEIGHT"]),
+    ("web=1,web=2", ["names 'web' twice"]),
+])
+def test_bad_mixtures_are_named(mixture_root, mixture, fragments):
+  _expect_config_error(_cfg(source="array_record", path=str(mixture_root), mixture=mixture), "data.mixture",
+                       *fragments)
+
+
+def test_cli_refuses_bad_data_before_writing_anything(tmp_path, capsys):
+  from moejax.cli import main
+  workdir = tmp_path / "run"
+  code = main(["train", "--config", "configs/tiny.py", "--workdir", str(workdir), "--config.data.source=array_record",
+               f"--config.data.path={tmp_path / 'nowhere'}"])
+  assert code == 2 and not workdir.exists()
+  assert f"{tmp_path / 'nowhere'}/{MANIFEST} does not exist" in capsys.readouterr().err
+  code = main(["data", "prepare", "--input", str(tmp_path / "none*.jsonl"), "--tokenizer", "byte", "--out",
+               str(tmp_path / "out")])
+  assert code == 2 and not (tmp_path / "out").exists()
+  assert "matched no file" in capsys.readouterr().err
+
+
+def test_prepare_refuses_other_arguments_in_the_same_out(tmp_path):
+  out = _prepared(tmp_path, val_fraction=0.1)
+  with pytest.raises(PrepareError, match="other arguments or input files"):
+    prepare([str(tmp_path / "text" / "*.jsonl")], "byte", out, val_fraction=0.2, show_progress=False)
+  os.makedirs(tmp_path / "other")
+  (tmp_path / "other" / "keep.txt").write_text("mine")
+  with pytest.raises(PrepareError, match="not a preparation directory"):
+    prepare([str(tmp_path / "text" / "*.jsonl")], "byte", str(tmp_path / "other"), show_progress=False)

@@ -379,3 +379,24 @@ def test_prepare_refuses_other_arguments_in_the_same_out(tmp_path):
   (tmp_path / "other" / "keep.txt").write_text("mine")
   with pytest.raises(PrepareError, match="not a preparation directory"):
     prepare([str(tmp_path / "text" / "*.jsonl")], "byte", str(tmp_path / "other"), show_progress=False)
+
+
+def test_grain_workers_resume_exactly(mixture_root):
+  original = _mixture_batches(mixture_root, workers=2)
+  resumed = _mixture_batches(mixture_root, workers=2)
+  try:
+    _take(original, 5)
+    states = json.loads(json.dumps(original.shard_states()))
+    resumed.set_shard_states(states)
+    want, got = _take(original, 8), _take(resumed, 8)
+    assert _same(got, want) and resumed.source_tokens() == original.source_tokens()
+    counts = dict.fromkeys(ALPHABETS, 0)
+    for batch in want:
+      for name, n in _source_of_segments(batch).items():
+        counts[name] += n
+    before = sum(sum(v["tokens"]) for k, v in states.items() if k.startswith("source_tokens_"))
+    assert sum(counts.values()) == sum(original.source_tokens().values()) - before
+  finally:
+    original.close()
+    resumed.close()
+

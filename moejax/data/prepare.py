@@ -85,14 +85,14 @@ def read_documents(path: str, fmt: str, field: str, hasher) -> Iterator[str]:
       import pyarrow.parquet as pq
     except ImportError as err:
       raise PrepareError(f"{path}: reading parquet needs pyarrow: `pip install pyarrow`.") from err
-    with open(path, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        hasher.update(block)
     table = pq.ParquetFile(path)
     if field not in table.schema_arrow.names:
       raise PrepareError(f"{path} has no column {field!r} (columns: {table.schema_arrow.names}); set --field.")
     for batch in table.iter_batches(columns=[field], batch_size=1024):
       yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
+    with open(path, "rb") as f:  # after the rows: a caller that stops early reads no more
+      for block in iter(lambda: f.read(1 << 20), b""):
+        hasher.update(block)
     return
   with open(path, "rb") as f:
     if fmt == "txt":
@@ -124,6 +124,16 @@ def _decode(path: str, data: bytes, line: int) -> str:
     where = f"line {line}, " if line else ""
     raise PrepareError(f"{path} is not UTF-8 ({where}byte offset {err.start}); convert it (`iconv -t UTF-8`) "
                        "or leave it out of --input.") from err
+
+
+def _check_first_document(path: str, fmt: str, field: str) -> None:
+  """Reads a file's first document, so a wrong --field or format fails before anything is written."""
+  class _NoHash:
+    def update(self, data):
+      del data
+
+  if fmt != "txt":  # a .txt file is one document: reading it here would read it twice
+    next(read_documents(path, fmt, field, _NoHash()), None)
 
 
 _TOKENIZER = {}
@@ -246,6 +256,8 @@ def _plan(inputs: Sequence[str], tokenizer: str, out: str, fmt: str | None, fiel
     raise PrepareError(f"--shard-tokens={shard_tokens} must be >= 1.")
   paths = _expand(inputs)
   formats = [_format_of(p, fmt) for p in paths]
+  for path, found in zip(paths, formats):
+    _check_first_document(path, found, field)
   try:
     tok = _tokenizer(tokenizer)
     identity = tokenizer_identity(tokenizer, tok)

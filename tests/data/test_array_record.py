@@ -400,3 +400,25 @@ def test_grain_workers_resume_exactly(mixture_root):
     original.close()
     resumed.close()
 
+
+
+def test_parquet_and_txt_inputs_give_the_same_records_as_jsonl(tmp_path):
+  pq = pytest.importorskip("pyarrow.parquet")
+  pa = pytest.importorskip("pyarrow")
+  texts = ["first document", "second one\nwith two lines", "  ", "third λ"]
+  os.makedirs(tmp_path / "p")
+  pq.write_table(pa.table({"body": texts, "n": list(range(4))}), tmp_path / "p" / "a.parquet", row_group_size=2)
+  os.makedirs(tmp_path / "t")
+  for i, t in enumerate(texts):
+    (tmp_path / "t" / f"{i}.txt").write_text(t, encoding="utf-8")
+  prepare([str(tmp_path / "p" / "a.parquet")], "byte", str(tmp_path / "po"), field="body", val_fraction=0.0,
+          show_progress=False)
+  prepare([str(tmp_path / "t" / "*.txt")], "byte", str(tmp_path / "to"), val_fraction=0.0, show_progress=False)
+  want = [[1] + [b + 3 for b in t.encode()] + [2] for t in texts if t.strip()]
+  assert _records(tmp_path / "po", "train") == want and _records(tmp_path / "to", "train") == want
+  with pytest.raises(PrepareError, match="has no column 'text'"):
+    prepare([str(tmp_path / "p" / "a.parquet")], "byte", str(tmp_path / "bad"), show_progress=False)
+  (tmp_path / "t" / "x.jsonl").write_text('{"body": "a"}\n')
+  with pytest.raises(PrepareError, match="line 1 has no string field 'text'"):
+    prepare([str(tmp_path / "t" / "x.jsonl")], "byte", str(tmp_path / "bad"), show_progress=False)
+  assert not (tmp_path / "bad").exists()  # refused before writing anything

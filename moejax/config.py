@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
       shards=1,                # independent data shards per global batch (multiple of #processes)
       path="",                 # source=array_record: a directory written by `moejax data prepare --out`
       mixture="",              # source=array_record: "NAME=WEIGHT[:DIR],..." (DIR default: path/NAME)
-      workers=0,               # grain worker processes producing batches (0: in the training thread)
+      workers=0,               # grain worker processes per data shard for training batches (0: in this thread)
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -120,7 +120,8 @@ def parse_mixture(data_cfg) -> list[tuple[str, float, str]]:
       directory = os.path.join(data_cfg.path, name)
     entries.append((name, value, directory))
   if not entries:
-    raise ValueError(f"data.mixture={data_cfg.mixture!r} names no source; e.g. 'web=0.7:/data/web,code=0.3:/data/code'.")
+    raise ValueError(f"data.mixture={data_cfg.mixture!r} names no source; e.g. "
+                     "'web=0.7:/data/web,code=0.3:/data/code'.")
   return entries
 
 

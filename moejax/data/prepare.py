@@ -30,6 +30,7 @@ worker, whatever the corpus size.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -201,7 +202,6 @@ def _finished_parts(out: str, file_index: int) -> list[dict]:
 
 def prepare_file(job: dict, progress=None) -> dict:
   """Tokenizes input file ``job["index"]`` into parts (resuming after its finished parts)."""
-  import hashlib
   out, index, path = job["out"], job["index"], job["path"]
   done_path = os.path.join(out, ".prepare", "files", f"{index:05d}.json")
   if os.path.isfile(done_path):
@@ -248,8 +248,9 @@ def _worker(job: dict) -> dict:
   return prepare_file(job, lambda index, done: _QUEUE.put((index, done)))
 
 
-def _plan(inputs: Sequence[str], tokenizer: str, out: str, fmt: str | None, field: str, val_fraction: float,
-          shard_tokens: int) -> tuple[dict, object]:
+def _plan(inputs: Sequence[str], tokenizer: str, fmt: str | None, field: str, val_fraction: float,
+          shard_tokens: int) -> dict:
+  """The arguments, input files and tokenizer identity; raises PrepareError before anything is written."""
   if not 0.0 <= val_fraction < 1.0:
     raise PrepareError(f"--val-fraction={val_fraction} must be in [0, 1).")
   if shard_tokens < 1:
@@ -267,7 +268,7 @@ def _plan(inputs: Sequence[str], tokenizer: str, out: str, fmt: str | None, fiel
                                          "mtime_ns": os.stat(p).st_mtime_ns} for p, f in zip(paths, formats)],
           "tokenizer": identity, "dtype": "uint16" if tok.vocab_size <= 1 << 16 else "uint32",
           "field": field, "val_fraction": val_fraction, "shard_tokens": shard_tokens}
-  return plan, tok
+  return plan
 
 
 def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, fmt: str | None = None, field: str = "text",
@@ -275,7 +276,7 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, fmt: str | None 
             show_progress: bool = True) -> dict:
   """Writes (or finishes) the prepared directory ``out``; returns its manifest. See the module docstring."""
   from tqdm import tqdm
-  plan, _ = _plan(inputs, tokenizer, out, fmt, field, val_fraction, shard_tokens)
+  plan = _plan(inputs, tokenizer, fmt, field, val_fraction, shard_tokens)
   plan_path = os.path.join(out, ".prepare", "plan.json")
   if os.path.isfile(plan_path):
     with open(plan_path) as f:

@@ -7,6 +7,7 @@
   moejax distill --config configs/distill_tiny.py --workdir workdirs/distill_tiny
   moejax convert --from-hf path/to/hf_checkpoint --out workdirs/converted [--dtype bfloat16]
   moejax convert --to-hf workdirs/converted --out path/to/hf_out
+  moejax data prepare --input 'corpus/*.jsonl' --tokenizer byte --out data/corpus [--workers 4]
 
 Config overrides use ml-collections' dotted flags; an unknown or ill-typed
 field is an error. All logic lives in the library (``moejax.train``).
@@ -47,6 +48,9 @@ commands:
           config.json and an Orbax checkpoint that train/eval resume from
           --to-hf WORKDIR --out DIR [--model-type T] [--dtype D]: the newest checkpoint
           of WORKDIR -> config.json + safetensors that transformers loads
+  data    prepare --input GLOBS --tokenizer T --out DIR [--format jsonl|txt|parquet]
+          [--field text] [--workers N]: tokenize a corpus once into ArrayRecord shards
+          (resumable) for --config.data.source=array_record --config.data.path=DIR
 
 moejax COMMAND --help lists a command's flags and examples. eval, generate and
 convert --to-hf read WORKDIR/config.json when --config is not given.
@@ -270,6 +274,13 @@ def cmd_convert(argv: list[str]) -> int:
   return 0
 
 
+def cmd_data(argv: list[str]) -> int:
+  if argv[:1] != ["prepare"]:
+    raise flags.Error("usage: moejax data prepare --input GLOBS --tokenizer T --out DIR (see docs/data.md)")
+  from moejax.data.prepare import main as prepare_main
+  return prepare_main(argv[1:])
+
+
 def cmd_config(argv: list[str]) -> int:
   from moejax.config import to_json
   from moejax.validation import validate
@@ -281,7 +292,7 @@ def cmd_config(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
-            "convert": cmd_convert, "distill": cmd_distill, "config": cmd_config}
+            "convert": cmd_convert, "distill": cmd_distill, "config": cmd_config, "data": cmd_data}
 FLAGS = {"train": _train_flags, "eval": _eval_flags, "generate": _generate_flags, "sweep": _sweep_flags}
 
 

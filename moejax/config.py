@@ -109,7 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = attention_config()
 
   c.data = ml_collections.ConfigDict(dict(
-      source="stdlib",         # stdlib | passkey | mqar | copy | files
+      source="stdlib",         # stdlib | passkey | mqar | copy | files | array_record
+      path="",                 # source=array_record: a directory written by `moejax data prepare --out`
+      mixture="",              # source=array_record: "NAME=WEIGHT[:DIR],..." (DIR default: path/NAME)
+      workers=0,               # grain worker processes per data shard for training batches (0: in this thread)
       seq_len=256,
       tokenizer="byte",        # byte | path to a SentencePiece .model or tokenizers .json
       files="",                # source=files: comma-separated globs of .txt/.jsonl

@@ -126,7 +126,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
         if evaluating and primary:
           console.router_summary(step, jax.device_get(metrics))
         if writer and (step % t.log_every == 0 or step == t.steps or evaluating):
-          writer.write(step, {**jax.device_get(metrics), **eval_metrics})
+          writer.write(step, {**jax.device_get(metrics), **eval_metrics,
+                              **getattr(data, "source_tokens", dict)()})  # mixtures: data_tokens_NAME
         stopping = stop.should_stop(step)
         if step % t.checkpoint_every == 0 or step == t.steps or stopping:
           ckpt.save(step, state, data)

@@ -21,6 +21,7 @@ import ml_collections
 from moejax.config import (DTYPES, MESH_AXES, NONFINITE_POLICIES, REMAT_POLICIES, ConfigError, expand_schedule,
                            mesh_shape)
 from moejax.data import SOURCES, tokenizer_vocab_size
+from moejax.data.array_record import validate_pipeline
 from moejax.distill.config import validate_distill
 from moejax.layers.attention import ATTENTION
 from moejax.layers.attention.checks import validate_attention, validate_qk_clip
@@ -122,6 +123,7 @@ def _validate_data(e: list[str], cfg: ml_collections.ConfigDict, check_tokenizer
            f"data.shards={d.shards} must be a multiple of distributed.num_processes={processes} "
            f"(each process reads whole shards); set --config.data.shards={processes}.")
   _check(e, 0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1).")
+  e.extend(validate_pipeline(cfg))
   for check in SOURCES.checks({d.source}):
     e.extend(check(cfg))
   if not e and check_tokenizer:

@@ -20,7 +20,8 @@ config selects it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypedDict
 
 import numpy as np
@@ -35,7 +36,18 @@ class Document(TypedDict):
   weights: np.ndarray  # float32[n]
 
 
-SourceFactory = Callable[[Any, str, Any], Sequence[Document]]
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  """Named document sources drawn with relative ``weights`` (a factory may return one).
+
+  The pipeline chunks each source separately and mixes the chunk streams with grain
+  (``IterDataset.mix``), so each source keeps its own position in a checkpoint.
+  """
+  sources: Mapping[str, Sequence[Document]]
+  weights: Mapping[str, float]
+
+
+SourceFactory = Callable[[Any, str, Any], "Sequence[Document] | Mixture"]
 SOURCES: Registry[SourceFactory] = Registry("data source")
 
 

@@ -6,6 +6,9 @@
     A SentencePiece model (needs ``pip install sentencepiece``).
 ``path/to/x.json``
     A Hugging Face ``tokenizers`` file (needs ``pip install tokenizers``).
+``path/to/DIR``
+    The ``tokenizer.json`` (else ``tokenizer.model``) in DIR or in ``DIR/tokenizer/``:
+    a Hugging Face checkpoint, or a workdir written by ``moejax convert --from-hf``.
 
 Every tokenizer has the same small interface: ``encode(text) -> int32[n]``
 (no bos/eos added; sources add them), ``decode(ids) -> str`` (special ids
@@ -154,8 +157,24 @@ class HFTokenizer:
 TOKENIZERS.register(".json")(HFTokenizer)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # in this order of preference
+
+
+def resolve_tokenizer_path(spec: str) -> str:
+  """``spec`` itself, or for a directory the tokenizer file in it (see the module docstring)."""
+  if not os.path.isdir(spec):
+    return spec
+  for folder in (spec, os.path.join(spec, "tokenizer")):
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(folder, name)):
+        return os.path.join(folder, name)
+  raise FileNotFoundError(f"data.tokenizer={spec!r} is a directory without {' or '.join(TOKENIZER_FILES)} "
+                          "(in it or in its tokenizer/ folder); point it at the tokenizer file.")
+
+
 def get_tokenizer(spec: str) -> Tokenizer:
-  """The tokenizer named by ``data.tokenizer`` ("byte" or a .model/.json path)."""
+  """The tokenizer named by ``data.tokenizer`` ("byte", a .model/.json path, or a directory)."""
+  spec = resolve_tokenizer_path(spec)
   key = spec if spec in TOKENIZERS else os.path.splitext(spec)[1]
   if key not in TOKENIZERS:
     raise ValueError(

@@ -84,7 +84,8 @@ def _tiny(name: str, arg: str):
     cfg.data.seq_len = seq_len
     if "task_length" in cfg.data and cfg.data.source != "stdlib":
       cfg.data.task_length = seq_len
-    cfg.train.update(steps=1, batch_size=2, grad_accum_steps=1, loss_chunk=min(cfg.train.loss_chunk, seq_len))
+    rows = max(2, len(cfg.distill.domains))  # distillation: one row per domain at least
+    cfg.train.update(steps=1, batch_size=rows, grad_accum_steps=1, loss_chunk=min(cfg.train.loss_chunk, seq_len))
     cfg.mesh.update(data=1, fsdp=1)
   return cfg
 

@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
       topk_groups=1,           # ... each token picks its experts inside its topk_groups best groups
       score_bias=False,        # aux-loss-free balancing: a bias on the scores for selection only
       bias_update_rate=1e-3,   # its step after each train step (sign rule); 0 = frozen
+      bias_update_schedule="constant",  # constant | step | linear | cosine (moejax/lab/schedules.py)
+      bias_update_steps=0,     # step/linear/cosine: the step where the rate reaches 0
+      balance_stats="global",  # bias update from loads of the global batch | mean sign per micro-batch
       load_balance_weight=0.0, # Switch load-balance loss
       seq_balance_weight=0.0,  # DeepSeek-V3 sequence-wise balance loss
       z_loss_weight=0.0,       # router z-loss
@@ -432,6 +435,7 @@ def _validate_hc_and_mtp(e: list[str], m: ml_collections.ConfigDict, seq_len: in
 
 def _validate_moe(m: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict, e: list[str]) -> None:
   """Checks ``model.moe`` (called when a layer is an MoE type)."""
+  from moejax.lab.schedules import validate_balancing
   from moejax.layers.moe_dispatch import BACKENDS
   from moejax.layers.routers import ROUTERS
 
@@ -448,6 +452,7 @@ def _validate_moe(m: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict,
   _check(e, moe.swiglu_limit >= 0, f"model.moe.swiglu_limit={moe.swiglu_limit} must be >= 0 (0 disables).")
   _check(e, moe.collapse_steps >= 0, f"model.moe.collapse_steps={moe.collapse_steps} must be >= 0 (0 disables).")
   _check(e, moe.bias_update_rate >= 0, f"model.moe.bias_update_rate={moe.bias_update_rate} must be >= 0.")
+  validate_balancing(moe, e)
   for field in ("load_balance_weight", "seq_balance_weight", "z_loss_weight"):
     _check(e, moe[field] >= 0, f"model.moe.{field}={moe[field]} must be >= 0 (0 disables).")
 

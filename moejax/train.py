@@ -27,6 +27,7 @@ from moejax import config as config_lib
 from moejax.checkpoint import Checkpointer, abstract_like
 from moejax.data import ShardedBatches
 from moejax.layers.moe import EXPERT_LOAD_METRIC
+from moejax.layers.routers import replay_variables
 from moejax.losses import chunked_token_stats
 from moejax.metrics import MetricsWriter
 from moejax.models import Hidden, build_model
@@ -81,7 +82,7 @@ def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: in
   """
   capture = (lambda module, _: module.name == "router") if capture_experts else False
   hidden, sown = model.apply(
-      {"params": params, **model_state}, batch["inputs"], batch["positions"], batch["segment_ids"],
+      {"params": params, **model_state, **replay_variables(batch)}, batch["inputs"], batch["positions"], batch["segment_ids"],
       return_hidden=True, mutable=list(SOWN), capture_intermediates=capture)
   ce_BxT, correct_BxT = chunked_token_stats(hidden.x_BxTxD, hidden.head_DxV, batch["targets"], loss_chunk)
   mtp_y_BxKxT, mtp_w_BxKxT = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"],
@@ -218,7 +219,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits, obj_fn=objective)
     params = optax.apply_updates(state.params, updates)
-    model_state = update_model_state(state.model_state, stats, model.cfg)
+    model_state = update_model_state(state.model_state, stats, model.cfg, state.step)
     ce = ce_sum / total_weight
     aux = aux_sum / grad_accum_steps
     mtp_loss_K = mtp_sum_K / mtp_total_weight_K

@@ -31,7 +31,7 @@ import ml_collections
 from moejax.layers import DTYPES
 from moejax.layers.mlp import MLP, SwiGLU
 from moejax.layers.moe_dispatch import DispatchSpec, ExpertWeights, dispatch, resolve_backend
-from moejax.layers.routers import ROUTERS, RouterAux
+from moejax.layers.routers import ROUTERS, RouterAux, replayable
 
 EXPERT_LOAD_METRIC = "expert_load"  # the trainer's expert-collapse warning reads it
 
@@ -75,7 +75,7 @@ class MoE(nn.Module):
     if token_ids_BxT is None:
       token_ids_BxT = jnp.zeros((b, t), jnp.int32)
 
-    router = ROUTERS.get(self.router or moe.router)(cfg=cfg, name="router")
+    router = replayable(ROUTERS.get(self.router or moe.router))(cfg=cfg, name="router")
     expert_NxK, weight_NxK, aux = router(x_BxTxD.reshape(b * t, d), token_ids_BxT.reshape(b * t))
     expert_BxTxK = expert_NxK.reshape(b, t, -1)
 

@@ -1,0 +1,1 @@
+"""moejax.lab: compare, plot and understand router variants (docs/lab.md)."""

@@ -94,6 +94,16 @@ def run_row(run_dir: str, tail: int = 5) -> dict:
   return row
 
 
+def load_run(run_dir: str, devices=None):
+  """(config, Experiment, state) of a finished run directory (its config.json and newest checkpoint)."""
+  from moejax.interop.hf import workdir_config
+  from moejax.train import load_checkpoint
+
+  cfg = workdir_config(run_dir)
+  exp, _, state = load_checkpoint(cfg, run_dir, devices)
+  return cfg, exp, state
+
+
 SUMMARY = ("eval_loss", "train_loss", "dead_experts", *MOE_METRICS, "tokens_per_s")
 
 

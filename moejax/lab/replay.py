@@ -25,7 +25,7 @@ import numpy as np
 
 from moejax.layers.routers import REPLAY_COLLECTION
 from moejax.sharding import put_batch
-from moejax.train import Experiment, _forward
+from moejax.train import Experiment, _forward, _routed_experts
 
 Routing = dict[str, np.ndarray]  # {"layer_1/mlp": int32 [B, T, K]}
 
@@ -44,6 +44,13 @@ def routing_of(exp: Experiment, state, batch) -> Routing:
   with exp._context():
     out = _capture_fn(exp)(state.params, state.model_state, put_batch(batch, exp.mesh))
   return {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+
+
+def model_routing(model, variables, batch) -> Routing:
+  """:func:`routing_of` for a bare model and its variables (e.g. a converted Hugging Face checkpoint)."""
+  _, sown = model.apply(variables, np.asarray(batch["inputs"]), capture_intermediates=lambda m, _: m.name == "router",
+                        mutable=["intermediates", "metrics", "aux_loss", "stats", "max_stats"])
+  return {k: np.asarray(v) for k, v in _routed_experts(sown["intermediates"], batch["inputs"].shape).items()}
 
 
 def record_routing(exp: Experiment, state, batches) -> list[Routing]:

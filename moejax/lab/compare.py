@@ -46,6 +46,8 @@ def variant_overrides(name: str, spec) -> dict:
       ROUTERS.register(name)(spec)
     return {"model.moe.router": registered[0] if registered else name}
   spec = {"recipe": spec} if isinstance(spec, str) else dict(spec)
+  if isinstance(spec.get("model.moe.router"), type):  # {"recipe": ..., "model.moe.router": MyRouter}
+    spec.update(variant_overrides(name, spec["model.moe.router"]))
   recipe = spec.pop("recipe", None)
   out = {}
   if recipe is not None:

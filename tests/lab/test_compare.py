@@ -34,7 +34,7 @@ class SigmoidTemperature(nn.Module):
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
   cfg = tiny_lab_cfg(steps=4)
-  cfg.train.update(checkpoint_every=2, eval_every=2)
+  cfg.train.update(checkpoint_every=2, eval_every=2, batch_size=8)  # the sweep trains on all 8 test devices
   workdir = str(tmp_path_factory.mktemp("lab"))
   return lab.compare(cfg, {"mixtral": "mixtral", "mine": SigmoidTemperature}, seeds=(0, 1), workdir=workdir)
 
@@ -82,7 +82,7 @@ def test_table_matches_the_runs_metrics(result):
 def test_compare_resumes_without_training_again(result):
   before = {d: os.path.getmtime(os.path.join(d, "metrics.jsonl")) for ds in result.run_dirs.values() for d in ds}
   cfg = tiny_lab_cfg(steps=4)
-  cfg.train.update(checkpoint_every=2, eval_every=2)
+  cfg.train.update(checkpoint_every=2, eval_every=2, batch_size=8)
   again = lab.compare(cfg, {"mixtral": "mixtral", "mine": SigmoidTemperature}, seeds=(0, 1), workdir=result.workdir)
   assert again.table == result.table
   assert before == {d: os.path.getmtime(os.path.join(d, "metrics.jsonl")) for d in before}

@@ -82,7 +82,8 @@ def _forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: in
   """
   capture = (lambda module, _: module.name == "router") if capture_experts else False
   hidden, sown = model.apply(
-      {"params": params, **model_state, **replay_variables(batch)}, batch["inputs"], batch["positions"], batch["segment_ids"],
+      {"params": params, **model_state, **replay_variables(batch)},  # moejax/lab/replay.py
+      batch["inputs"], batch["positions"], batch["segment_ids"],
       return_hidden=True, mutable=list(SOWN), capture_intermediates=capture)
   ce_BxT, correct_BxT = chunked_token_stats(hidden.x_BxTxD, hidden.head_DxV, batch["targets"], loss_chunk)
   mtp_y_BxKxT, mtp_w_BxKxT = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"],

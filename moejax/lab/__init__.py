@@ -12,4 +12,5 @@
 from moejax.lab import attention_maps, plots, replay, routing, upcycle
 from moejax.lab.compare import LabResult, compare, load_run, run_row, variant_overrides
 
-__all__ = ["LabResult", "attention_maps", "compare", "load_run", "plots", "replay", "routing", "run_row", "upcycle", "variant_overrides"]
+__all__ = ["LabResult", "attention_maps", "compare", "load_run", "plots", "replay", "routing", "run_row", "upcycle",
+           "variant_overrides"]

@@ -7,6 +7,8 @@ converted checkpoint, ``lambda b: model_routing(model, variables, b)``.
 
 from __future__ import annotations
 
+import itertools
+
 import ml_collections
 import numpy as np
 
@@ -96,7 +98,7 @@ def routing_stability(cfg: ml_collections.ConfigDict, run_dir: str, batches: lis
   ckpt.close()
   steps = sorted(routings)
   rows = []
-  for a, b in zip(steps, steps[1:]):
+  for a, b in itertools.pairwise(steps):
     layers = routings[a][0].keys()
     rows.append({"from": a, "to": b, **{layer: float(np.mean([topk_changed(ra[layer], rb[layer])
                                                               for ra, rb in zip(routings[a], routings[b])]))

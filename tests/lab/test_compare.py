@@ -12,7 +12,13 @@ import pytest
 from moejax import lab
 from moejax.lab import plots
 from moejax.lab.routing import TOKEN_CLASSES, expert_counts, token_class, topk_changed
-from moejax.layers.routers import ROUTER_RECIPES, ROUTERS, RouterAux, combine_weights, gate_logits
+from moejax.layers.routers import (
+  ROUTER_RECIPES,
+  ROUTERS,
+  RouterAux,
+  combine_weights,
+  gate_logits,
+)
 from tests.lab.helpers import tiny_lab_cfg
 
 

@@ -53,6 +53,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  cwd = tmp_path / "colab"
-  cwd.mkdir()
-  NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+  # quickstart finds configs/ from its working directory (colab/ of the checkout); the others write to WORKDIR.
+  cwd = os.path.join(REPO, "colab") if where is None else str(tmp_path / "colab")
+  os.makedirs(cwd, exist_ok=True)
+  NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": cwd}}).execute()

@@ -5,8 +5,15 @@ import os
 import numpy as np
 import pytest
 
-from moejax.lab.replay import (RecordingExperiment, ReplayExperiment, load_routing, record_routing, routing_of,
-                               step_path, with_routing)
+from moejax.lab.replay import (
+  RecordingExperiment,
+  ReplayExperiment,
+  load_routing,
+  record_routing,
+  routing_of,
+  step_path,
+  with_routing,
+)
 from moejax.train import Experiment, train
 from tests.lab.helpers import tiny_lab_cfg
 

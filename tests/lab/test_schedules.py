@@ -20,7 +20,8 @@ def formula(kind, s):
     return GAMMA
   if s >= STOP:
     return 0.0
-  return {"step": GAMMA, "linear": GAMMA * (1 - s / STOP), "cosine": GAMMA * 0.5 * (1 + math.cos(math.pi * s / STOP))}[kind]
+  return {"step": GAMMA, "linear": GAMMA * (1 - s / STOP),
+          "cosine": GAMMA * 0.5 * (1 + math.cos(math.pi * s / STOP))}[kind]
 
 
 @pytest.mark.parametrize("kind", ["constant", "step", "linear", "cosine"])

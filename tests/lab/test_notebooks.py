@@ -15,8 +15,8 @@ CI_PARAMETERS = {
                   'NUM_EXPERTS, TOP_K, EXPERT_FFN = 4, 2, 16\nDOMAINS = ("email", "json")',
     "optimizer_ablation": 'STEPS = 4\nSEEDS = (0,)\nD_MODEL, SEQ_LEN, BATCH = 32, 32, 4\n'
                           'LRS = {"adamw": [3e-3], "muon": [1e-2], "lion": [1e-3]}',
-    "long_context": 'SEQ_LEN = 64\nWINDOW, TOPK = 8, 8\nTRAIN_STEPS = 2\nTRAIN_LEN = 64\n'
-                    'LENGTHS, DEPTHS, SAMPLES = [64], [0.5], 2',
+    "long_context": 'SEQ_LEN = 64\nWINDOW, TOPK = 8, 8\nTRAIN_STEPS = 2\nTRAIN_LEN = 96\n'
+                    'LENGTHS, DEPTHS, SAMPLES = [96], [0.5], 2',
     "hf_checkpoint": 'HIDDEN, LAYERS, EXPERTS, TOP_K = 32, 2, 4, 2\nNEW_TOKENS = 4',
     "quickstart": "",
 }

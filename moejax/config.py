@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
       topk_groups=1,           # ... each token picks its experts inside its topk_groups best groups
       score_bias=False,        # aux-loss-free balancing: a bias on the scores for selection only
       bias_update_rate=1e-3,   # its step after each train step (sign rule); 0 = frozen
+      bias_update_schedule="constant",  # constant | step | linear | cosine (moejax/layers/balancing.py)
+      bias_update_steps=0,     # step/linear/cosine: the step where the rate reaches 0
+      balance_stats="global",  # bias update from loads of the global batch | mean sign per micro-batch
       load_balance_weight=0.0, # Switch load-balance loss
       seq_balance_weight=0.0,  # DeepSeek-V3 sequence-wise balance loss
       z_loss_weight=0.0,       # router z-loss

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax.layers.routers import replay_variables
 from moejax.losses import chunked_token_stats
 from moejax.models import Hidden
 from moejax.models.mtp import mtp_targets
@@ -68,7 +69,7 @@ def forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int
   """
   capture = (lambda module, _: module.name == "router") if capture_experts else False
   hidden, sown = model.apply(
-      {"params": params, **model_state}, batch["inputs"], batch["positions"], batch["segment_ids"],
+      {"params": params, **model_state, **replay_variables(batch)}, batch["inputs"], batch["positions"], batch["segment_ids"],
       return_hidden=True, mutable=list(SOWN), capture_intermediates=capture)
   ce_BxT, correct_BxT = chunked_token_stats(hidden.x_BxTxD, hidden.head_DxV, batch["targets"], loss_chunk)
   batch = with_mtp_targets(batch, len(hidden.mtp))
@@ -79,10 +80,10 @@ def forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int
   aux = sum((jnp.sum(x) for x in jax.tree.leaves(sown.get("aux_loss", {}))), jnp.zeros((), jnp.float32))
   return Forward(ce_BxT, correct_BxT, mtp_ce_BxLxT, mtp_w_BxLxT, aux, dict(sown.get("stats", {})),
                  _flat_metrics(sown.get("metrics", {})), _module_maxima(sown.get("max_stats", {})), hidden,
-                 _routed_experts(sown.get("intermediates", {}), batch["inputs"].shape))
+                 routed_experts(sown.get("intermediates", {}), batch["inputs"].shape))
 
 
-def _routed_experts(tree, shape_BxT) -> dict[str, jax.Array]:
+def routed_experts(tree, shape_BxT) -> dict[str, jax.Array]:
   """{"layer_1/mlp": expert_BxTxA} from captured router outputs ``(expert_NxA, weight_NxA, aux)``."""
   experts = {}
   for path, leaf in flatten(tree, is_leaf=lambda x: isinstance(x, tuple)).items():

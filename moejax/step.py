@@ -72,7 +72,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits, obj_fn=objective_fn)
     params = optax.apply_updates(state.params, updates)
-    model_state = update_model_state(state.model_state, stats, model.cfg)
+    model_state = update_model_state(state.model_state, stats, model.cfg, state.step)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(losses.total) & jnp.isfinite(grad_norm)
     params, opt_state, model_state = keep_if_finite(

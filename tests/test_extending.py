@@ -40,7 +40,7 @@ class CountingSwiGLU(nn.Module):
 
 
 @STATE_UPDATES.register("token_count")
-def _add_tokens(tree, stats, model_cfg):
+def _add_tokens(tree, stats, model_cfg, step):
   return {layer: {"mlp": {"seen": sub["mlp"]["seen"] + stats[layer]["mlp"]["tokens"][0]}}
           for layer, sub in tree.items()}
 

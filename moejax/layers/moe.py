@@ -33,7 +33,8 @@ from moejax.config import DISPATCH_MODES, SCORES
 from moejax.layers import DTYPES
 from moejax.layers.mlp import MLP, SwiGLU
 from moejax.layers.moe_dispatch import BACKENDS, DispatchSpec, ExpertWeights, dispatch, resolve_backend
-from moejax.layers.routers import ROUTERS, RouterAux
+from moejax.layers.routers import ROUTERS, RouterAux, replayable
+from moejax.layers.balancing import validate_balancing
 
 EXPERT_LOAD_METRIC = "expert_load"  # the trainer's expert-collapse warning reads it
 
@@ -94,7 +95,7 @@ class MoE(nn.Module):
     if token_ids_BxT is None:
       token_ids_BxT = jnp.zeros((b, t), jnp.int32)
 
-    router = ROUTERS.get(self.router or moe.router)(cfg=cfg, name="router")
+    router = replayable(ROUTERS.get(self.router or moe.router))(cfg=cfg, name="router")
     expert_NxA, weight_NxA, aux = router(x_BxTxD.reshape(b * t, d), token_ids_BxT.reshape(b * t))
     expert_BxTxA = expert_NxA.reshape(b, t, -1)
 
@@ -158,6 +159,7 @@ def validate_moe(cfg: ml_collections.ConfigDict) -> list[str]:
   """Errors of ``model.moe`` (and its mesh constraints) when a layer is an MoE type."""
   e: list[str] = []
   need = lambda ok, msg: ok or e.append(msg)
+  validate_balancing(cfg.model.moe, e)
   moe, mesh = cfg.model.moe, cfg.mesh
   for field in ("num_experts", "top_k", "expert_ffn_dim", "num_groups", "topk_groups"):
     need(moe[field] >= 1, f"model.moe.{field}={moe[field]} must be >= 1.")

@@ -48,6 +48,7 @@ from flax import traverse_util
 from moejax.layers.moe_dispatch import capacity
 from moejax.layers.state import STATE_UPDATES
 from moejax.registry import Registry
+from moejax.layers.balancing import bias_update_rate
 
 # Capabilities (class attributes): supports_bias (model.moe.score_bias), supports_groups
 # (model.moe.num_groups > 1), batch_dependent (a token's experts depend on the other tokens of
@@ -66,6 +67,7 @@ ROUTER_RECIPES = {
 }
 BIAS_COLLECTION = "router_bias"
 HASH_COLLECTION = "hash_table"
+REPLAY_COLLECTION = "routing_replay"  # recorded experts to route by (moejax/lab/replay.py)
 
 
 class RouterAux(NamedTuple):
@@ -111,9 +113,15 @@ def selection_bias(module: nn.Module, num_experts: int) -> jax.Array:
 
 
 def sow_load(module: nn.Module, expert_NxA, num_experts: int) -> None:
-  """Sows assignments per expert ``[E]`` into ``stats`` (summed over calls and micro-batches)."""
+  """Sows assignments per expert ``[E]`` into ``stats`` (summed over calls and micro-batches), and
+  ``balance_sign [E]`` = ``sign(mean(load) - load)`` of this call alone and ``balance_calls`` = 1 (their sums
+  over micro-batches give the mean sign of ``balance_stats="micro"``)."""
   load_E = jnp.sum(jax.nn.one_hot(expert_NxA, num_experts, dtype=jnp.float32), axis=(0, 1))
-  module.sow("stats", "load", load_E, init_fn=lambda: jnp.zeros((num_experts,), jnp.float32),
+  zeros = lambda: jnp.zeros((num_experts,), jnp.float32)
+  module.sow("stats", "load", load_E, init_fn=zeros, reduce_fn=lambda a, b: a + b)
+  module.sow("stats", "balance_sign", jnp.sign(jnp.mean(load_E) - load_E), init_fn=zeros,
+             reduce_fn=lambda a, b: a + b)
+  module.sow("stats", "balance_calls", jnp.ones((), jnp.float32), init_fn=lambda: jnp.zeros((), jnp.float32),
              reduce_fn=lambda a, b: a + b)
 
 
@@ -210,16 +218,62 @@ class ExpertChoiceRouter(nn.Module):
             RouterAux(logits_NxE, probs_from_scores(scores_NxE, moe.score)))
 
 
-def update_router_bias(tree, stats, model_cfg):
-  """Auxiliary-loss-free balancing (DeepSeek-V3): after each step, every bias
-  moves by ``bias_update_rate`` towards balance, ``b += rate * sign(mean(load) - load)``,
-  from the loads its router sowed at the same module path."""
-  rate = model_cfg.moe.bias_update_rate
+def replayable(router_cls: type) -> type:
+  """``router_cls`` that routes by recorded experts when given them (router replay, as in Megatron-LM).
+
+  With a variable ``routing_replay/<router path>/expert_BxTxK`` (int32 [B, T, K])
+  the router runs as usual (same parameters, losses and metrics) but returns
+  the recorded experts, weighted by its own scores ``SCORES[moe.score](logits)``
+  at those experts (so the gate still learns); without one it is ``router_cls``.
+  """
+  if router_cls not in _REPLAYABLE:
+    method = router_cls.__call__
+    own_call = getattr(method, "__wrapped__", method)  # the undecorated method: one call, one captured output
+
+    def __call__(self, x_NxD, token_ids_N):
+      expert_NxK, weight_NxK, aux = own_call(self, x_NxD, token_ids_N)
+      if self.has_variable(REPLAY_COLLECTION, "expert_BxTxK"):
+        expert_NxK = self.get_variable(REPLAY_COLLECTION, "expert_BxTxK").reshape(x_NxD.shape[0], -1)
+        expert_NxK = expert_NxK.astype(jnp.int32)
+        weight_NxK = combine_weights(SCORES[self.cfg.moe.score](aux.logits_NxE), expert_NxK, self.cfg.moe)
+      return expert_NxK, weight_NxK, aux
+    if getattr(method, "compact", False):
+      __call__ = nn.compact(__call__)
+    _REPLAYABLE[router_cls] = type(router_cls.__name__, (router_cls,), {"__call__": __call__})
+  return _REPLAYABLE[router_cls]
+
+
+_REPLAYABLE: dict[type, type] = {}
+
+
+def replay_variables(batch: dict) -> dict:
+  """``{"routing_replay": tree}`` from batch entries ``"routing_replay/<moe layer path>"`` (int32
+  [B, T, K] each; see moejax/lab/replay.py), or {} for a batch without them."""
+  prefix = REPLAY_COLLECTION + "/"
+  tree = {tuple(k[len(prefix):].split("/")) + ("router", "expert_BxTxK"): v
+          for k, v in batch.items() if k.startswith(prefix)}
+  return {REPLAY_COLLECTION: traverse_util.unflatten_dict(tree)} if tree else {}
+
+
+def update_router_bias(tree, stats, model_cfg, step=0):
+  """Auxiliary-loss-free balancing (DeepSeek-V3): after step ``step`` (0-based),
+  every bias moves towards balance by ``b += rate(step) * sign(mean(load) - load)``
+  with ``rate`` from :func:`moejax.layers.balancing.bias_update_rate` and the
+  loads its router sowed at the same module path: summed over the global batch
+  (``balance_stats="global"``), or the mean over micro-batches of each one's
+  sign (``"micro"``)."""
+  rate = bias_update_rate(model_cfg.moe, step)
+  micro = model_cfg.moe.balance_stats == "micro"
   loads = traverse_util.flatten_dict(stats)
   new = {}
   for path, bias_E in traverse_util.flatten_dict(tree).items():
-    load_E = loads.get(path[:-1] + ("load",))
-    new[path] = bias_E if load_E is None else bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
+    load_E, signs_E = loads.get(path[:-1] + ("load",)), loads.get(path[:-1] + ("balance_sign",))
+    if load_E is None:
+      new[path] = bias_E
+    elif micro and signs_E is not None:
+      new[path] = bias_E + rate * signs_E / jnp.maximum(loads[path[:-1] + ("balance_calls",)], 1.0)
+    else:
+      new[path] = bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
   return traverse_util.unflatten_dict(new)
 
 

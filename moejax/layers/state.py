@@ -6,10 +6,11 @@ statistics its update needs into the ``stats`` collection (at the same module
 path). After the optimizer update, the trainer calls, for each collection
 with a registered update::
 
-    new_tree = STATE_UPDATES.get(collection)(tree, stats, model_cfg)
+    new_tree = STATE_UPDATES.get(collection)(tree, stats, model_cfg, step)
 
-where ``stats`` are summed over micro-batches. Collections without an entry
-are left unchanged.
+where ``stats`` are summed over micro-batches and ``step`` is the 0-based
+step just taken (for schedules). Collections without an entry are left
+unchanged.
 """
 
 from moejax.registry import Registry
@@ -17,7 +18,7 @@ from moejax.registry import Registry
 STATE_UPDATES = Registry("model-state update")
 
 
-def update_model_state(model_state: dict, stats: dict, model_cfg) -> dict:
+def update_model_state(model_state: dict, stats: dict, model_cfg, step=0) -> dict:
   """Applies the registered update of every collection in ``model_state``."""
-  return {name: STATE_UPDATES.get(name)(tree, stats, model_cfg) if name in STATE_UPDATES else tree
+  return {name: STATE_UPDATES.get(name)(tree, stats, model_cfg, step) if name in STATE_UPDATES else tree
           for name, tree in model_state.items()}

@@ -106,7 +106,7 @@ def compress(module: nn.Module, x_BxTxD, positions_BxT, segment_ids_BxT, ratio: 
   kv_BxNxMxC = kv_BxTxC.reshape(b, n, ratio, kv_BxTxC.shape[-1])
   gate_BxNxMxC = gate_BxTxC.reshape(b, n, ratio, gate_BxTxC.shape[-1])
   if overlap:  # entry w pools Ca (channels :dim) of window w-1 and Cb (dim:) of window w
-    shift = lambda a, fill: jnp.pad(a[:, :-1, :, :dim], [(0, 0), (1, 0), (0, 0), (0, 0)], constant_values=fill)
+    shift = lambda a, fill: jnp.pad(a[..., :dim], [(0, 0), (1, 0), (0, 0), (0, 0)], constant_values=fill)[:, :n]
     kv_BxNxMxC = jnp.concatenate([shift(kv_BxNxMxC, 0), kv_BxNxMxC[..., dim:]], axis=2)
     gate_BxNxMxC = jnp.concatenate([shift(gate_BxNxMxC, core.NEG), gate_BxNxMxC[..., dim:]], axis=2)
   starts = np.arange(n) * ratio  # static
@@ -338,7 +338,7 @@ class V4Attention(nn.Module):
     window = cache.attend(q_BxCxHxDh, kv_BxSx1xDh, kv_BxSx1xDh, cache.visible(step, size, a.window),
                           scale=self.scale, block=a.chunk_size)
     parts = [window]
-    if self.compression != "none":
+    if self.compression != "none" and max_len >= self.compressor.ratio:  # else no entry ever completes
       entries = self.compressor(x_BxCxD, positions_BxC, segment_ids_BxC, decode=(step, max_len))
       picks = None
       if self.compression == "csa":

@@ -1,25 +1,23 @@
 """Forward+backward time and peak memory of each attention type vs sequence length.
 
-  python benchmarks/attention_scaling.py [--lengths 1024 4096 16384 65536] [--types dense sliding ...]
-      [--repeats 3] [--out docs/attention_scaling] [--plot-only]
+  python benchmarks/attention_scaling.py [--lengths 1024 4096 16384] [--types dense sliding ...]
+      [--rounds 3] [--plot docs/attention_scaling.png] [--plot-only]
 
 One attention layer (batch 1, d_model 128, 4 heads of 32, default
 ``model.attention`` kernel choice: XLA up to 2048 tokens, chunked above), one
-CPU device. Time: median wall time of ``grad(sum(y * w))`` w.r.t. parameters
-and input (compiled ahead of time, so no run includes compilation; after one
-run longer than a minute no further repeats are made). Memory: peak of the compiled program's buffers
-(XLA's memory analysis: arguments + outputs + temporaries), which on CPU is
-what the program needs, independent of allocator noise. Each type is reported
-as a ratio to ``dense`` measured in the same run. Writes ``OUT.json`` and a
-log-log plot ``OUT.png``.
+CPU device. Time: wall time of ``grad(sum(y * w))`` w.r.t. parameters and
+input, compiled ahead of time (no sample includes compilation); at each T every
+type runs once per round, the order rotating, for ``--rounds`` rounds; medians,
+quartiles, and the ratio to ``dense`` in the same round. Memory: peak of the
+compiled program's buffers (XLA's memory analysis: arguments + outputs +
+temporaries), which on CPU is what the program needs, independent of allocator
+noise. Raw results and provenance go to ``benchmarks/results/attention_scaling/``;
+``--plot`` draws the newest result as a log-log plot.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import time
 
 import flax.linen as nn
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.benchmarking import Results, interleaved, latest, summary
 from moejax.config import base_config
 from moejax.layers.attention import ATTENTION
 
@@ -44,7 +43,8 @@ def bench_config():
   return m
 
 
-def measure(attention_type: str, seq_len: int, repeats: int) -> dict:
+def compile_step(attention_type: str, seq_len: int):
+  """(a callable running one timed fwd+bwd, peak bytes of the compiled program)."""
   cfg = bench_config()
   attn = ATTENTION.get(attention_type)(cfg=cfg)
   rng = np.random.default_rng(0)
@@ -60,12 +60,13 @@ def measure(attention_type: str, seq_len: int, repeats: int) -> dict:
   step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
   mem = step.memory_analysis()
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-  times = []
-  while len(times) < repeats and sum(times) < 60:
+
+  def run() -> float:
     start = time.perf_counter()
     jax.block_until_ready(step(params, x))
-    times.append(time.perf_counter() - start)
-  return {"type": attention_type, "seq_len": seq_len, "seconds": statistics.median(times), "peak_bytes": peak}
+    return time.perf_counter() - start
+
+  return run, peak
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -78,7 +79,7 @@ def plot(results: list[dict], path: str) -> None:
     rows = sorted((r for r in results if r["type"] == name), key=lambda r: r["seq_len"])
     lengths = [r["seq_len"] for r in rows]
     style = dict(marker="o", label=name, linestyle="--" if name in ("dense", "mla") else "-")
-    ax_t.plot(lengths, [r["seconds"] for r in rows], **style)
+    ax_t.plot(lengths, [r["median_s"] for r in rows], **style)
     ax_m.plot(lengths, [r["peak_bytes"] / 2**20 for r in rows], **style)
   for ax, label in ((ax_t, "fwd+bwd seconds"), (ax_m, "peak memory (MiB)")):
     ax.set_xscale("log", base=2)
@@ -92,33 +93,43 @@ def plot(results: list[dict], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def table(record: dict) -> str:
+  """Markdown: one row per (T, type) (``benchmarks/report.py``)."""
+  lines = ["| T | type | fwd+bwd s (quartiles) | x dense (per-round range) | peak MiB | x dense |",
+           "|---|---|---|---|---|---|"]
+  for r in record["rows"]:
+    dense = next(d for d in record["rows"] if d["seq_len"] == r["seq_len"] and d["type"] == "dense")
+    lines.append(f"| {r['seq_len'] // 1024}K | {r['type']} | {r['median_s']:.3g} ({r['q1_s']:.3g}-{r['q3_s']:.3g}) | "
+                 f"{r['ratio']:.3g} ({r['ratio_min']:.3g}-{r['ratio_max']:.3g}) | {r['peak_bytes'] / 2**20:.0f} | "
+                 f"{r['peak_bytes'] / dense['peak_bytes']:.2f} |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-  parser.add_argument("--types", nargs="+", default=list(TYPES))
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--out", default="docs/attention_scaling")
-  parser.add_argument("--plot-only", action="store_true", help="re-plot OUT.json without measuring")
+  parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+  parser.add_argument("--types", nargs="+", default=list(TYPES), help="dense first: the baseline")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--plot", default="docs/attention_scaling.png")
+  parser.add_argument("--plot-only", action="store_true", help="re-plot the newest result without measuring")
   args = parser.parse_args()
   if args.plot_only:
-    with open(args.out + ".json") as f:
-      plot(json.load(f), args.out + ".png")
+    plot(latest("attention_scaling")["rows"], args.plot)
     return
-  results = []
-  print(f"{jax.devices()[0].platform}, {os.cpu_count()} cores; median of {args.repeats}")
-  print(f"{'type':<8}{'T':>7}{'seconds':>10}{'x dense':>9}{'peak MiB':>10}{'x dense':>9}")
+  results = Results("attention_scaling", params={"lengths": args.lengths, "types": args.types, "rounds": args.rounds})
+  rows = []
   for seq_len in args.lengths:
-    base = None
+    steps, peaks = {}, {}
     for name in args.types:
-      r = measure(name, seq_len, args.repeats)
-      results.append(r)
-      base = base or (r if name == "dense" else None)
-      ratio = lambda key: f"{r[key] / base[key]:>9.3f}" if base else f"{'-':>9}"
-      print(f"{name:<8}{seq_len:>7}{r['seconds']:>10.3f}{ratio('seconds')}{r['peak_bytes'] / 2**20:>10.1f}"
-            f"{ratio('peak_bytes')}", flush=True)
-      with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-  plot(results, args.out + ".png")
+      steps[name], peaks[name] = compile_step(name, seq_len)
+    samples = interleaved(steps, args.rounds)
+    rows += [{"type": n, "seq_len": seq_len, "peak_bytes": peaks[n], **summary(s, samples[args.types[0]])}
+             for n, s in samples.items()]
+    print(f"T={seq_len}: " + ", ".join(f"{r['type']} {r['median_s']:.3g}s" for r in rows[-len(steps):]), flush=True)
+  results.add_rows(rows)
+  results.write()
+  print(table(results.record))
+  plot(rows, args.plot)
 
 
 if __name__ == "__main__":

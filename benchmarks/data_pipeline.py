@@ -26,7 +26,8 @@ import time
 import jax
 import numpy as np
 
-from moejax.config import load_config, validate
+from moejax.config import load_config
+from moejax.validation import validate
 from moejax.data import ShardedBatches
 from moejax.data.prepare import prepare
 from moejax.train import Experiment

@@ -1,23 +1,24 @@
 """Student step time with distillation (configs/distill_tiny.py), as ratios to plain LM training.
 
-  PYTHONPATH=. python benchmarks/distill_step.py [--steps 20] [--rounds 4]
+  PYTHONPATH=. python benchmarks/distill_step.py [--rounds 12]
 
 Variants, all on the student of configs/distill_tiny.py, on one device:
   plain LM step         moejax.train.Experiment on the same domain batches (no teachers)
   cohost, 4 teachers    the distillation step with the 4 dense specialists in the step
   cache, 4 teachers     the step reading each row's teacher hidden state from the batch
 Teachers are untrained (timing does not depend on their weights). The variants
-take turns (``--rounds``) so load from other jobs falls on all alike.
+take turns (one step each per round, the order rotating) so load from other jobs
+falls on all alike. Raw samples and provenance go to ``benchmarks/results/distill_step/``.
 """
 
 import argparse
 import copy
-import statistics
 import tempfile
 
 import jax
 
 from benchmarks import train_step
+from moejax.benchmarking import Results, interleaved, summary
 from moejax.config import load_config
 from moejax.distill import cache as cache_lib
 from moejax.distill.data import DomainBatches
@@ -30,22 +31,29 @@ class Variant(train_step.Variant):
   """``benchmarks/train_step.py``'s timed variant around a prebuilt experiment and iterator."""
 
   def __init__(self, exp, data):
-    self.exp, self.data = exp, data
-    self.state = exp.init_state()
-    self.time_steps(2)  # compile + warm up
+    self.start(exp, data)
+
+
+def table(record: dict) -> str:
+  """Markdown: one row per variant (``benchmarks/report.py``)."""
+  lines = ["| variant | median step ms (quartiles) | ratio to plain (per-round range) |", "|---|---|---|"]
+  for r in record["rows"]:
+    lines.append(f"| {r['variant']} | {r['median_s'] * 1e3:.1f} ({r['q1_s'] * 1e3:.0f}-{r['q3_s'] * 1e3:.0f}) | "
+                 f"{r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
+  return "\n".join(lines)
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--rounds", type=int, default=4)
+  parser.add_argument("--rounds", type=int, default=12)
   args = parser.parse_args()
+  results = Results("distill_step", params={"config": "configs/distill_tiny.py", "rounds": args.rounds})
   cfg = load_config("configs/distill_tiny.py")
   devices = jax.devices()[:1]
   teachers = random_teachers(cfg, widths=[cfg.model.d_model] * len(cfg.distill.domains))
   cached_cfg = copy.deepcopy(cfg)
   cached_cfg.unlock()
-  cached_cfg.distill.update(teacher_source="cache", cache_batches=args.steps + 2)
+  cached_cfg.distill.update(teacher_source="cache", cache_batches=args.rounds + 2)
   cache_dir = tempfile.mkdtemp()
   cache_lib.write_cache(cached_cfg, teachers, cache_dir, devices)
   plain = Experiment(cfg, devices)
@@ -55,15 +63,11 @@ def main():
       "cache, 4 teachers": Variant(DistillExperiment(cached_cfg, teachers, devices, cache_dir),
                                    cache_lib.CachedBatches(cache_dir)),
   }
-  times = {name: [] for name in variants}
-  per_round = max(1, args.steps // args.rounds)
-  for _ in range(args.rounds):
-    for name, v in variants.items():
-      times[name] += v.time_steps(per_round)
-  base = statistics.median(times["plain LM step"])
-  print(f"| variant | median step (ms) | ratio to plain |\n|---|---|---|")
-  for name, t in times.items():
-    print(f"| {name} | {1000 * statistics.median(t):.1f} | {statistics.median(t) / base:.2f} |")
+  samples = interleaved({name: v.step for name, v in variants.items()}, args.rounds)
+  results.add_rows([{"variant": n, **summary(s, samples["plain LM step"])} for n, s in samples.items()],
+                   tokens_per_step=cfg.train.batch_size * cfg.data.seq_len)
+  results.write()
+  print(table(results.record))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from moejax.benchmarking import Results, interleaved
 
 
 def _rss_mb(field: str) -> float:
@@ -87,27 +90,48 @@ def main() -> None:
   parser.add_argument("--d-model", type=int, default=512)
   parser.add_argument("--experts", type=int, default=32)
   parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--rounds", type=int, default=3, help="fresh processes per method, interleaved")
   parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     print(json.dumps(_child(args.child[0], args.child[1], args.dtype)))
     return
+  results = Results("interop_load", params={k: v for k, v in vars(args).items() if k != "child"})
+  methods = ("imports", "stream", "naive")
   with tempfile.TemporaryDirectory() as directory:
     size_mb = _checkpoint(directory, args.layers, args.d_model, args.experts)
     print(f"checkpoint: Qwen3-MoE {args.layers} layers, d={args.d_model}, {args.experts} experts; "
           f"{size_mb:.0f} MB of bf16 safetensors; loading as {args.dtype}")
-    rows = []
-    for method in ("imports", "stream", "naive"):
-      out = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--child", method, directory],
-                           check=True, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-  print("| method | load s | RSS before MB | peak RSS MB | peak - before MB | (peak - before) / loaded |")
-  print("|---|---|---|---|---|---|")
-  for r in rows[1:]:
-    above = r["peak_rss_mb"] - r["before_mb"]
-    print(f"| {r['method']} | {r['seconds']:.2f} | {r['before_mb']:.0f} | {r['peak_rss_mb']:.0f} | {above:.0f} | "
-          f"{above / r['loaded_mb']:.2f} |")
-  print(f"(imports only: peak {rows[0]['peak_rss_mb']:.0f} MB; loaded arrays: {rows[1]['loaded_mb']:.0f} MB)")
+    runs = {m: [] for m in methods}
+
+    def load(method):
+      def run():
+        out = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--child", method, directory],
+                             check=True, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        return runs[method][-1]["seconds"]
+      return run
+
+    interleaved({m: load(m) for m in methods}, args.rounds)
+  results.add_rows([{"method": m, "runs": runs[m]} for m in methods], checkpoint_mb=size_mb)
+  results.write()
+  print(table(results.record))
+
+
+def table(record: dict) -> str:
+  """Markdown: medians over the rounds of each method (``benchmarks/report.py``)."""
+  med = lambda runs, key: statistics.median(r[key] for r in runs)
+  rows = {r["method"]: r["runs"] for r in record["rows"]}
+  lines = ["| method | load s | RSS before MB | peak RSS MB | peak - before MB | (peak - before) / loaded |",
+           "|---|---|---|---|---|---|"]
+  for method in ("stream", "naive"):
+    runs = rows[method]
+    above = statistics.median(r["peak_rss_mb"] - r["before_mb"] for r in runs)
+    lines.append(f"| {method} | {med(runs, 'seconds'):.2f} | {med(runs, 'before_mb'):.0f} | "
+                 f"{med(runs, 'peak_rss_mb'):.0f} | {above:.0f} | {above / med(runs, 'loaded_mb'):.2f} |")
+  lines.append(f"\nMedians of {len(rows['stream'])} fresh processes per method, interleaved; imports only: peak "
+               f"{med(rows['imports'], 'peak_rss_mb'):.0f} MB; loaded arrays: {med(rows['stream'], 'loaded_mb'):.0f} MB.")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

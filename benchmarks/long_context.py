@@ -2,7 +2,7 @@
 
   python benchmarks/long_context.py                       # both parts, T = 1,048,576
   python benchmarks/long_context.py --skip-search         # only the measured step(s) and the remat comparison
-  python benchmarks/long_context.py --skip-step --budget-gb 20 --max-log2 24
+  python benchmarks/long_context.py --skip-step --budget-gb 20 --max-log2 24 --rss-max-log2 16
 
 Model: ``configs/v4_1m.py`` (tiny DeepSeek-V4-shaped: swa/csa/hca + MoE,
 every block rematerialised), batch 1, one device (the first of
@@ -23,7 +23,11 @@ every block rematerialised), batch 1, one device (the first of
 * Search: for each schedule (dense, sliding, dsa, v4 hybrid: the same widths,
   MoE and remat), T doubles from 2^14 while the compiled train step's
   memory estimate stays under ``--budget-gb`` (nothing is run, so a too-large
-  T cannot take the machine down); prints the largest T that fits.
+  T cannot take the machine down); prints the largest T that fits. Beside the
+  estimate, for T <= 2^``--rss-max-log2`` one real step runs in a fresh
+  process and its peak RSS is measured, so the estimate can be checked.
+
+Raw results and provenance go to ``benchmarks/results/long_context/``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import time
 
@@ -38,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.config import load_config, validate
+from moejax.benchmarking import Results
+from moejax.config import load_config
+from moejax.validation import validate
 from moejax.models.block import remat_compiler_options
 from moejax.train import Experiment
 
@@ -74,10 +81,10 @@ def compiled_bytes(exp: Experiment, compiler_options: dict | None = None) -> int
   return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 
-def measure_step(seq_len: int, budget_bytes: float) -> dict:
+def measure_step(seq_len: int, budget_bytes: float, schedule: str = "v4") -> dict:
   """Runs two steps at ``seq_len``, or none if the compiled step needs more than ``budget_bytes``."""
   device = jax.devices()[:1]
-  exp = Experiment(config(seq_len), device)
+  exp = Experiment(config(seq_len, schedule), device)
   estimate = compiled_bytes(exp)
   if estimate > budget_bytes:
     return {"seq_len": seq_len, "compiled_gib": estimate / 2**30, "fits": False}
@@ -110,17 +117,61 @@ def remat_effect(seq_len: int) -> list[dict]:
   return rows
 
 
-def largest_fitting(schedule: str, budget_bytes: float, lo_log2: int, hi_log2: int) -> dict:
+def measured_rss(seq_len: int, schedule: str, budget_gb: float) -> float:
+  """Peak RSS (GiB) of a fresh process that builds the experiment and runs two steps at ``seq_len``."""
+  out = subprocess.run([sys.executable, __file__, "--child-step", schedule, str(seq_len), "--budget-gb", str(budget_gb)],
+                       capture_output=True, text=True, check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])["rss_peak_gib"]
+
+
+def largest_fitting(schedule: str, budget_bytes: float, lo_log2: int, hi_log2: int, rss_max_log2: int) -> dict:
   fits, rows = None, []
   for log2 in range(lo_log2, hi_log2 + 1):
     start = time.perf_counter()
     need = compiled_bytes(Experiment(config(1 << log2, schedule), jax.devices()[:1]))
     rows.append({"seq_len": 1 << log2, "compiled_gib": need / 2**30, "compile_s": time.perf_counter() - start})
-    print(f"  {schedule:8s} T=2^{log2:<2d} {need / 2**30:8.2f} GiB", flush=True)
+    if log2 <= rss_max_log2 and need <= budget_bytes:
+      rows[-1]["rss_peak_gib"] = measured_rss(1 << log2, schedule, budget_bytes / 2**30)
+    print(f"  {schedule:8s} T=2^{log2:<2d} {need / 2**30:8.2f} GiB {rows[-1].get('rss_peak_gib', '')}", flush=True)
     if need > budget_bytes:
       break
     fits = 1 << log2
   return {"schedule": schedule, "largest_t": fits, "rows": rows}
+
+
+def table(record: dict) -> str:
+  """Markdown: the measured steps, the remat comparison and the search (``benchmarks/report.py``)."""
+  out = []
+  if record.get("steps"):
+    out += ["| T | step (s) | first step incl. compile (s) | compiled estimate (GiB) | measured peak RSS (GiB) | "
+            "device peak (GiB) | loss (2 steps) |", "|---|---|---|---|---|---|---|"]
+    for r in record["steps"]:
+      if not r["fits"]:
+        out.append(f"| {r['seq_len']:,} | not run: the compiled step needs {r['compiled_gib']:.1f} GiB | | | | | |")
+        continue
+      out.append(f"| {r['seq_len']:,} | {r['step_s']:.1f} | {r['first_step_s']:.1f} | {r['compiled_gib']:.2f} | "
+                 f"{r['rss_peak_gib']:.2f} | {r['device_peak_gib']:.2f} | {r['loss'][0]:.3f}, {r['loss'][1]:.3f} |")
+    out.append("")
+  if record.get("remat"):
+    rows = record["remat"]
+    out += [f"| variant (T = {rows[0]['seq_len']:,}) | compiled train step (GiB) | x of remat=none |", "|---|---|---|"]
+    out += [f"| {r['variant']} | {r['compiled_gib']:.2f} | {r['compiled_gib'] / rows[0]['compiled_gib']:.2f} |"
+            for r in rows]
+    out.append("")
+  if record.get("search"):
+    lengths = sorted({r["seq_len"] for f in record["search"] for r in f["rows"]})
+    budget = record["params"]["budget_gb"]
+    out += [f"Compiled train-step **estimate** in GiB (XLA memory analysis; nothing run), and in brackets the "
+            f"**measured** peak RSS of a real two-step run in a fresh process where one was made:", "",
+            "| schedule | " + " | ".join(f"2^{n.bit_length() - 1}" for n in lengths) +
+            f" | largest T with estimate <= {budget:g} GiB |", "|---|" + "---|" * (len(lengths) + 1)]
+    for f in record["search"]:
+      by_t = {r["seq_len"]: r for r in f["rows"]}
+      cell = lambda r: "" if r is None else f"{r['compiled_gib']:.2f}" + (
+          f" ({r['rss_peak_gib']:.2f})" if "rss_peak_gib" in r else "")
+      out.append(f"| {f['schedule']} | " + " | ".join(cell(by_t.get(t)) for t in lengths) +
+                 f" | {f['largest_t'] or 'none'} |")
+  return "\n".join(out)
 
 
 def main(argv=None):
@@ -131,50 +182,30 @@ def main(argv=None):
                  help="memory budget, GiB: the search's limit, and no step runs whose compiled estimate exceeds it")
   p.add_argument("--min-log2", type=int, default=14)
   p.add_argument("--max-log2", type=int, default=24)
+  p.add_argument("--rss-max-log2", type=int, default=0,
+                 help="search: also run a real step in a fresh process and measure its peak RSS up to this T")
   p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
   p.add_argument("--skip-step", action="store_true")
   p.add_argument("--skip-search", action="store_true")
   p.add_argument("--skip-remat", action="store_true", help="skip the remat comparison at the baseline length")
-  p.add_argument("--out", default="", help="write the results as JSON here")
+  p.add_argument("--child-step", nargs=2, metavar=("SCHEDULE", "T"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.child_step:
+    schedule, seq_len = args.child_step
+    print(json.dumps(measure_step(int(seq_len), args.budget_gb * 2**30, schedule)))
+    return
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
-  results = {"device": jax.devices()[0].device_kind}
+  results = Results("long_context", params={k: v for k, v in vars(args).items() if k != "child_step"})
   if not args.skip_step:
     budget = args.budget_gb * 2**30
-    base, step = measure_step(1 << args.base_log2, budget), measure_step(1 << args.log2, budget)
-    results["steps"] = [base, step]
-    print("| T | step (s) | first step incl. compile (s) | compiled peak (GiB) | RSS peak (GiB) | device peak (GiB) "
-          "| loss (2 steps) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in (base, step):
-      if not r["fits"]:
-        print(f"| {r['seq_len']:,} | does not fit: the compiled step needs {r['compiled_gib']:.1f} GiB "
-              f"> --budget-gb {args.budget_gb:g} | | | | | |")
-        continue
-      print(f"| {r['seq_len']:,} | {r['step_s']:.1f} | {r['first_step_s']:.1f} | {r['compiled_gib']:.2f} "
-            f"| {r['rss_peak_gib']:.2f} | {r['device_peak_gib']:.2f} | {r['loss'][0]:.3f}, {r['loss'][1]:.3f} |")
-    if base["fits"] and step["fits"]:
-      print(f"ratio T={step['seq_len']:,} / T={base['seq_len']:,}: time x{step['step_s'] / base['step_s']:.1f}, "
-            f"compiled memory x{step['compiled_gib'] / base['compiled_gib']:.1f} "
-            f"(length x{step['seq_len'] // base['seq_len']})", flush=True)
+    results.add_rows([], steps=[measure_step(1 << args.base_log2, budget), measure_step(1 << args.log2, budget)])
   if not args.skip_remat:
-    rows = results["remat"] = remat_effect(1 << args.base_log2)
-    print("| variant (T = {:,}) | compiled train step (GiB) | x of remat=none |".format(1 << args.base_log2))
-    print("|---|---|---|")
-    for r in rows:
-      print(f"| {r['variant']} | {r['compiled_gib']:.2f} | {r['compiled_gib'] / rows[0]['compiled_gib']:.2f} |")
+    results.add_rows([], remat=remat_effect(1 << args.base_log2))
   if not args.skip_search:
-    found = [largest_fitting(s, args.budget_gb * 2**30, args.min_log2, args.max_log2) for s in args.schedules]
-    results["search"] = found
-    print(f"| schedule | largest T with compiled train step <= {args.budget_gb:g} GiB | its estimate (GiB) |")
-    print("|---|---|---|")
-    for f in found:
-      est = next((r["compiled_gib"] for r in f["rows"] if r["seq_len"] == f["largest_t"]), float("nan"))
-      print(f"| {f['schedule']} | {f['largest_t'] or 'none'}{'' if f['largest_t'] != 1 << args.max_log2 else '+'} "
-            f"| {est:.2f} |")
-  if args.out:
-    with open(args.out, "w") as fh:
-      json.dump(results, fh, indent=1)
+    results.add_rows([], search=[largest_fitting(s, args.budget_gb * 2**30, args.min_log2, args.max_log2,
+                                                 args.rss_max_log2) for s in args.schedules])
+  results.write()
+  print(table(results.record))
 
 
 if __name__ == "__main__":

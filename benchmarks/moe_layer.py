@@ -13,12 +13,15 @@ shared expert, d_model 256 by default):
 
 Times are per step (loss = sum of squares of the output, gradients w.r.t. all
 parameters and the input): ``cpu ms`` is the process CPU time, ``wall ms``
-the elapsed time, both the minimum over ``--reps`` round-robin repetitions
-after one warm-up (so a change of machine load hits every variant alike);
-tokens/s from wall time; the ratio is CPU time over the dense baseline's CPU
-time; ``max load`` the busiest expert's assignments / mean (it sets the
-dropless einsum capacity). Slow variants (one-hot, ragged_dot, transformers'
-batched_mm on CPU) are measured once.
+the elapsed time, medians over ``--reps`` interleaved rounds after one warm-up
+(one step of each variant per round, the order rotating, so a change of machine
+load hits every variant alike); tokens/s from wall time; the ratio is CPU time
+over the dense baseline's CPU time in the same round (median and range over
+rounds); ``max load`` the busiest expert's assignments / mean (it sets the
+dropless einsum capacity) and ``dropped`` the share of assignments capacity
+dispatch drops, both at init on these tokens. Slow variants (one-hot,
+ragged_dot, transformers' batched_mm on CPU) are measured once, after the
+rounds. Raw samples and provenance go to ``benchmarks/results/moe_layer/``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from moejax.benchmarking import Results, interleaved, summary
 from moejax.config import base_config
 from moejax.layers import moe as _moe  # noqa: F401  (registers moe)
 from moejax.layers.mlp import MLP
@@ -51,15 +55,9 @@ def _model_cfg(args, **moe) -> ml_collections.FrozenConfigDict:
   return ml_collections.FrozenConfigDict(cfg)
 
 
-def _measure(step) -> tuple[float, float]:
-  """(CPU seconds, wall seconds) of one call."""
-  c0, w0 = time.process_time(), time.perf_counter()
-  step()
-  return time.process_time() - c0, time.perf_counter() - w0
-
-
 def moejax_step(x_BxTxD, mlp_type: str, cfg):
-  """A compiled fwd+bwd step of one moejax MLP layer, and its busiest expert's load / mean."""
+  """A compiled fwd+bwd step of one moejax MLP layer, and its routing at init: {max load / mean,
+  dropped fraction} (empty for a dense layer)."""
   layer = MLP.get(mlp_type)(cfg=cfg)
   ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, x_BxTxD.shape[:2]), jnp.int32)
   variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), x_BxTxD, ids))
@@ -72,8 +70,9 @@ def moejax_step(x_BxTxD, mlp_type: str, cfg):
   grads = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
   args = (variables["params"], x_BxTxD, state, ids)
   metrics = grads(*args)[1]
-  busiest = float(metrics["load_max_over_mean"][0]) if metrics else None
-  return (lambda: jax.block_until_ready(grads(*args))), busiest
+  routing = {"max_load": float(metrics["load_max_over_mean"][0]),
+             "dropped_fraction": float(metrics["dropped_fraction"][0])} if metrics else {}
+  return (lambda: jax.block_until_ready(grads(*args))), routing
 
 
 def transformers_step(args, x_BxTxD, model: str, implementation: str):
@@ -102,6 +101,19 @@ def transformers_step(args, x_BxTxD, model: str, implementation: str):
     torch.sum(block(x) ** 2).backward()
 
   return step
+
+
+def table(record: dict) -> str:
+  """Markdown: one row per variant (``benchmarks/report.py``)."""
+  lines = ["| variant | cpu ms (quartiles) | wall ms | tokens/s | cpu ratio (per-round range) | max load | dropped |",
+           "|---|---|---|---|---|---|---|"]
+  for r in record["rows"]:
+    spread = f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f})" if r["n"] > 1 else "(1 sample)"
+    routing = lambda k, f: format(r[k], f) if k in r else "-"
+    lines.append(f"| {r['variant']} | {r['median_s'] * 1e3:.1f} ({r['q1_s'] * 1e3:.0f}-{r['q3_s'] * 1e3:.0f}) | "
+                 f"{r['wall_median_s'] * 1e3:.1f} | {record['tokens'] / r['wall_median_s']:,.0f} | "
+                 f"{r['ratio']:.2f} {spread} | {routing('max_load', '.2f')} | {routing('dropped_fraction', '.3f')} |")
+  return "\n".join(lines)
 
 
 def main():
@@ -146,30 +158,37 @@ def main():
           continue
         variants.append((f"transformers {model} MoE, experts={implementation}", "torch", (model, implementation)))
 
-  steps, times, busiest = {}, {}, {}
+  steps, routing = {}, {}
   for label, kind, spec in variants:
     try:
       if kind == "moejax":
-        steps[label], busiest[label] = moejax_step(x, *spec)
+        steps[label], routing[label] = moejax_step(x, *spec)
       else:
         steps[label] = transformers_step(args, x, *spec)
       steps[label]()  # compile / warm up
     except Exception as err:  # e.g. an experts implementation that does not run on this platform
       print(f"{label}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
       steps.pop(label, None)
-  # Round-robin repetitions, so a change of machine load hits every variant alike.
-  for rep in range(args.reps):
-    for label, step in steps.items():
-      if rep == 0 or not any(s in label for s in SLOW_ON_CPU) or platform != "cpu":
-        times.setdefault(label, []).append(_measure(step))
+  cpu: dict[str, list[float]] = {label: [] for label in steps}
 
-  print(f"{'variant':<58}{'cpu ms':>10}{'wall ms':>10}{'tokens/s':>11}{'cpu ratio':>11}{'max load':>10}")
-  base = min(c for c, _ in times[BASELINE])
-  for label, samples in times.items():
-    cpu, wall = min(c for c, _ in samples), min(w for _, w in samples)
-    load = f"{busiest[label]:.2f}" if busiest.get(label) else "-"
-    print(f"{label:<58}{cpu * 1e3:>10.1f}{wall * 1e3:>10.1f}{args.tokens / wall:>11,.0f}{cpu / base:>11.2f}"
-          f"{load:>10}")
+  def timed(label):
+    def run():
+      c0, w0 = time.process_time(), time.perf_counter()
+      steps[label]()
+      cpu[label].append(time.process_time() - c0)
+      return time.perf_counter() - w0
+    return run
+
+  is_slow = lambda label: platform == "cpu" and any(s in label for s in SLOW_ON_CPU)
+  wall = interleaved({label: timed(label) for label in steps if not is_slow(label)}, args.reps)
+  wall.update({label: [timed(label)()] for label in steps if is_slow(label)})
+  results = Results("moe_layer", params={k: v for k, v in vars(args).items()})
+  results.add_rows([{"variant": label, **summary(cpu[label], cpu[BASELINE][:len(cpu[label])]),
+                     "wall_median_s": summary(wall[label])["median_s"], "wall_samples_s": wall[label],
+                     **routing.get(label, {})} for label in steps],
+                   tokens=args.tokens, dropless_capacities=list(caps), platform=platform)
+  results.write()
+  print(table(results.record))
 
 
 if __name__ == "__main__":

@@ -8,16 +8,18 @@ Presets: ``tiny`` (configs/tiny.py, 0.9M params, 16 x 256 tokens), ``medium``
 bf16; the GPU target: Muon <= 1.15x AdamW). All variants are compiled first, then timed *interleaved*
 (one step of each variant per round, the order rotating), so load from
 other jobs on a shared machine hits every variant alike; medians over
-rounds, ratios to AdamW's. Two numbers per variant: the whole train step,
-and the optimizer update alone (``tx.update`` jitted on its own).
+rounds with quartiles, ratios to AdamW's with the spread of the per-round ratios.
+Two numbers per variant: the whole train step, and the optimizer update alone
+(``tx.update`` jitted on its own). Raw samples and provenance go to
+``benchmarks/results/optimizer_step/``.
 """
 
 import argparse
-import statistics
 import time
 
 import jax
 
+from moejax.benchmarking import Results, interleaved, summary
 from moejax.config import load_config
 from moejax.config_apply import apply_config
 from moejax.train import Experiment
@@ -55,7 +57,6 @@ class Variant:
     for _ in range(2):  # compile + warm up
       self.step()
       self.opt_update()
-    self.step_s, self.update_s = [], []
 
   def step(self):
     start = time.perf_counter()
@@ -70,6 +71,18 @@ class Variant:
     return time.perf_counter() - start
 
 
+def table(record: dict) -> str:
+  """Markdown: step and update time per variant (``benchmarks/report.py``)."""
+  rows = {r["variant"]: r for r in record["rows"]}
+  fmt = lambda r: (f"{r['median_s'] * 1e3:.1f} ({r['q1_s'] * 1e3:.0f}-{r['q3_s'] * 1e3:.0f}) | "
+                   f"{r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
+  lines = ["| variant | step ms (quartiles) | step ratio (per-round range) | update ms (quartiles) | "
+           "update ratio (per-round range) |", "|---|---|---|---|---|"]
+  for name in record["variants"]:
+    lines.append(f"| {name} | {fmt(rows[name + ' step'])} | {fmt(rows[name + ' update'])} |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
@@ -78,22 +91,22 @@ def main():
   args = parser.parse_args()
   config, base = PRESETS[args.preset]
   names = args.variants.split(",")
+  results = Results("optimizer_step", params={"preset": args.preset, "variants": names, "rounds": args.rounds})
   variants = {name: Variant(config, {**base, **VARIANTS[name]}) for name in names}
   cfg = variants[names[0]].exp.cfg
   params = sum(x.size for x in jax.tree.leaves(variants[names[0]].state.params))
   print(f"preset {args.preset}: {config} {base}: {params / 1e6:.1f}M params, "
         f"{cfg.train.batch_size} x {cfg.data.seq_len} tokens, {jax.devices()[0].platform}, "
-        f"median of {args.rounds} interleaved rounds")
-  for r in range(args.rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      variants[name].step_s.append(variants[name].step())
-      variants[name].update_s.append(variants[name].opt_update())
-  base_step = statistics.median(variants[names[0]].step_s)
-  base_update = statistics.median(variants[names[0]].update_s)
-  print(f"{'variant':<22}{'step ms':>10}{'ratio':>8}{'update ms':>12}{'ratio':>8}")
+        f"{args.rounds} interleaved rounds")
+  timers = {}
   for name, v in variants.items():
-    step, update = statistics.median(v.step_s), statistics.median(v.update_s)
-    print(f"{name:<22}{step * 1e3:>10.1f}{step / base_step:>8.2f}{update * 1e3:>12.1f}{update / base_update:>8.2f}")
+    timers[f"{name} step"], timers[f"{name} update"] = v.step, v.opt_update
+  samples = interleaved(timers, args.rounds)
+  results.add_rows([{"variant": key, **summary(s, samples[f"{names[0]} {key.rsplit(' ', 1)[1]}"])}
+                    for key, s in samples.items()], variants=names, params_millions=params / 1e6,
+                   tokens_per_step=cfg.train.batch_size * cfg.data.seq_len)
+  results.write()
+  print(table(results.record))
 
 
 if __name__ == "__main__":

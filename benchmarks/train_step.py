@@ -1,21 +1,23 @@
 """Train-step throughput of the tiny model, and what remat / accumulation /
 hyper-connections / multi-token prediction cost.
 
-  python benchmarks/train_step.py [--steps 20] [--rounds 1] [--config configs/tiny.py] [--variants a,b]
+  python benchmarks/train_step.py [--rounds 10] [--config configs/tiny.py] [--variants a,b]
 
-Every variant is timed in this run and reported as a ratio to the baseline
-(the first variant), since absolute times on shared machines are noisy. With
-``--rounds R`` the variants take turns, ``steps / R`` steps each per round, so
-a burst of load from other jobs falls on all of them alike.
+Every variant is compiled first, then the variants take turns (one step each per
+round, the order rotating, ``moejax/benchmarking.py``), so load from other jobs falls
+on all of them alike. Reported: the median step time with its quartiles, and the
+ratio to the baseline (the first variant) with the spread of the per-round ratios.
+Raw samples and provenance go to ``benchmarks/results/train_step/``.
 """
 
 import argparse
-import statistics
 import time
 
 import jax
 
+from moejax.benchmarking import Results, interleaved, summary
 from moejax.config import load_config
+from moejax.config_apply import apply_config
 from moejax.train import Experiment
 
 VARIANTS = {
@@ -31,58 +33,58 @@ VARIANTS = {
 
 
 class Variant:
-  """One compiled variant; :meth:`time_steps` returns per-step seconds."""
+  """One compiled variant; :meth:`step` runs and times one train step on the next batch."""
 
   def __init__(self, config: str, overrides: dict):
     cfg = load_config(config)
     with cfg.unlocked():
-      for dotted, value in overrides.items():
-        *path, field = dotted.split(".")
-        node = cfg
-        for key in path:
-          node = node[key]
-        node[field] = value
-    self.exp = Experiment(cfg, jax.devices()[:1])
-    self.state, self.data = self.exp.init_state(), self.exp.data_iterator("train")
-    self.time_steps(2)  # compile + warm up
+      apply_config(cfg, overrides)
+    self.start(Experiment(cfg, jax.devices()[:1]))
 
-  def time_steps(self, n: int) -> list[float]:
-    batches, times = [next(self.data) for _ in range(n)], []
-    for batch in batches:
-      start = time.perf_counter()
-      self.state, metrics = self.exp.train_step(self.state, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-    return times
+  def start(self, exp, data=None):
+    self.exp = exp
+    self.state, self.data = exp.init_state(), data or exp.data_iterator("train")
+    for _ in range(2):  # compile + warm up
+      self.step()
+
+  def step(self) -> float:
+    batch = next(self.data)
+    start = time.perf_counter()
+    self.state, metrics = self.exp.train_step(self.state, batch)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start
+
+
+def table(record: dict) -> str:
+  """Markdown: one row per variant (``benchmarks/report.py``)."""
+  tokens = record["tokens_per_step"]
+  lines = ["| variant | step ms (median, quartiles) | tokens/s | ratio to baseline (per-round range) |",
+           "|---|---|---|---|"]
+  for r in record["rows"]:
+    lines.append(f"| {r['variant']} | {r['median_s'] * 1e3:.1f} ({r['q1_s'] * 1e3:.0f}-{r['q3_s'] * 1e3:.0f}) | "
+                 f"{tokens / r['median_s']:,.0f} | {r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |")
+  return "\n".join(lines)
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--config", default="configs/tiny.py")
-  parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help="comma-separated subset of: " + ", ".join(VARIANTS) + " (the first is the baseline)")
   args = parser.parse_args()
   names = args.variants.split(",")
-  cfg = load_config(args.config)
+  results = Results("train_step", params={"config": args.config, "variants": names, "rounds": args.rounds})
+  variants = {name: Variant(args.config, VARIANTS[name]) for name in names}
+  cfg = variants[names[0]].exp.cfg
   tokens = cfg.train.batch_size * cfg.data.seq_len
   print(f"{args.config}: batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens, "
-        f"{jax.devices()[0].platform}, median of {args.steps} steps in {args.rounds} round(s)")
-  times = {name: [] for name in names}
-  if args.rounds == 1:  # one variant alive at a time
-    for name in names:
-      times[name] = Variant(args.config, VARIANTS[name]).time_steps(args.steps)
-  else:
-    variants = {name: Variant(args.config, VARIANTS[name]) for name in names}
-    for _ in range(args.rounds):
-      for name, variant in variants.items():
-        times[name] += variant.time_steps(max(1, args.steps // args.rounds))
-  print(f"{'variant':<22}{'step ms':>10}{'tokens/s':>12}{'ratio':>8}")
-  base = statistics.median(times[names[0]])
-  for name in names:
-    t = statistics.median(times[name])
-    print(f"{name:<22}{t * 1e3:>10.1f}{tokens / t:>12,.0f}{t / base:>8.2f}")
+        f"{jax.devices()[0].platform}, {args.rounds} interleaved rounds")
+  samples = interleaved({name: v.step for name, v in variants.items()}, args.rounds)
+  results.add_rows([{"variant": n, "overrides": VARIANTS[n], **summary(s, samples[names[0]])}
+                    for n, s in samples.items()], tokens_per_step=tokens)
+  results.write()
+  print(table(results.record))
 
 
 if __name__ == "__main__":

@@ -219,13 +219,7 @@ def test_config_round_trips_through_hf():
     assert again.model.to_dict() == cfg.model.to_dict(), name
 
 
-HCA_DECODE = pytest.mark.xfail(raises=ValueError, strict=True, reason=(
-    "moejax's cached decoding of an hca layer fails when the cache (prompt + new tokens = 15) holds no compressed "
-    "entry (hca_ratio=128): a reduction over zero entries in layers/attention/compressed.py"))
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=HCA_DECODE) if n == "tester-deepseek_v4" else n
-                                  for n in sorted(hf_models.TESTER_CASES)])
+@pytest.mark.parametrize("name", sorted(hf_models.TESTER_CASES))
 def test_transformers_tester_configs_load_with_parity_and_the_same_greedy_tokens(name, tmp_path, caplog):
   """transformers' own test configurations (vocab 99 < the byte tokenizer's 259, V3's top-8 beyond its kept
   groups, training-only dropout / jitter) load; logits agree to ~1e-5 and greedy decoding picks the same tokens."""

@@ -65,6 +65,18 @@ def test_chunked_prefill_and_decode_equal_the_full_forward(attention_type):
   chex.assert_trees_all_close(got, np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention_type", ["csa", "hca"])
+def test_decode_shorter_than_one_compressed_entry_equals_the_full_forward(attention_type):
+  """max_len < ratio: no compressed entry ever completes, so only the window attends (was a crash)."""
+  attn = ATTENTION.get(attention_type)(cfg=tiny_model_cfg(attention={**DECODE, "csa_ratio": 64, "hca_ratio": 64}))
+  x = np.random.default_rng(1).normal(size=(2, T, 32)).astype(np.float32)
+  positions = np.broadcast_to(np.arange(T, dtype=np.int32), (2, T))
+  segments = np.ones((2, T), np.int32)
+  variables = _init(attn, x, positions, segments, scale=10.0)
+  want = jax.jit(attn.apply)(variables, x, positions, segments)
+  chex.assert_trees_all_close(_decode_all(attn, variables, x, PLANS), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
 def test_ring_slots_hold_the_latest_positions():
   index_B = jnp.array([0, 3, 8, 13])
   got = cache.slot_positions(index_B, 8)

@@ -107,7 +107,7 @@ def compress(module: nn.Module, x_BxTxD, positions_BxT, segment_ids_BxT, ratio: 
   kv_BxZxMxC = kv_BxTxC.reshape(b, n, ratio, kv_BxTxC.shape[-1])
   gate_BxZxMxC = gate_BxTxC.reshape(b, n, ratio, gate_BxTxC.shape[-1])
   if overlap:  # entry w pools Ca (channels :dim) of window w-1 and Cb (dim:) of window w
-    shift = lambda a, fill: jnp.pad(a[:, :-1, :, :dim], [(0, 0), (1, 0), (0, 0), (0, 0)], constant_values=fill)
+    shift = lambda a, fill: jnp.pad(a[..., :dim], [(0, 0), (1, 0), (0, 0), (0, 0)], constant_values=fill)[:, :n]
     kv_BxZxMxC = jnp.concatenate([shift(kv_BxZxMxC, 0), kv_BxZxMxC[..., dim:]], axis=2)
     gate_BxZxMxC = jnp.concatenate([shift(gate_BxZxMxC, core.NEG), gate_BxZxMxC[..., dim:]], axis=2)
   starts = np.arange(n) * ratio  # static
@@ -344,7 +344,7 @@ class V4Attention(nn.Module):
     window = cache.attend(q_BxCxHxDh, kv_BxSx1xDh, kv_BxSx1xDh, cache.visible(step, size, a.window),
                           scale=self.scale, block=a.chunk_size)
     parts = [window]
-    if self.compression != "none":
+    if self.compression != "none" and max_len >= self.compressor.ratio:  # else no entry ever completes
       entries = self.compressor(x_BxCxD, positions_BxC, segment_ids_BxC, decode=(step, max_len))
       picks = None
       if self.compression == "csa":

@@ -41,7 +41,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moejax.benchmarking import Results
 from moejax.config import load_config
@@ -161,8 +160,8 @@ def table(record: dict) -> str:
   if record.get("search"):
     lengths = sorted({r["seq_len"] for f in record["search"] for r in f["rows"]})
     budget = record["params"]["budget_gb"]
-    out += [f"Compiled train-step **estimate** in GiB (XLA memory analysis; nothing run), and in brackets the "
-            f"**measured** peak RSS of a real two-step run in a fresh process where one was made:", "",
+    out += ["Compiled train-step **estimate** in GiB (XLA memory analysis; nothing run), and in brackets the "
+            "**measured** peak RSS of a real two-step run in a fresh process where one was made:", "",
             "| schedule | " + " | ".join(f"2^{n.bit_length() - 1}" for n in lengths) +
             f" | largest T with estimate <= {budget:g} GiB |", "|---|" + "---|" * (len(lengths) + 1)]
     for f in record["search"]:

@@ -149,7 +149,6 @@ def main():
   variants.append(("moejax dropless, backend=einsum, hash routing", "moejax",
                    ("hash_moe", _model_cfg(args, backend="einsum"))))
   with contextlib.suppress(ImportError):
-    import torch
     import transformers  # noqa: F401
 
     for model in ("deepseek_v3", "deepseek_v4"):

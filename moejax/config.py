@@ -135,6 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=100,          # 0: never
       eval_batches=4,
       checkpoint_every=100,
+      peak_flops=0.0,          # peak FLOP/s of one device for MFU; 0: bf16 peak of the device kind (moejax/flops.py)
+      profile_steps=(0, 0),    # (start, stop): a jax.profiler trace of steps start..stop in WORKDIR/profile; (0, 0): off
       keep_checkpoints=3,
       async_checkpoint=True,   # write checkpoints while training continues (a kill during
                                # the write loses that checkpoint, never an older one)

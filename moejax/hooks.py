@@ -93,6 +93,32 @@ class InjectNaN:
     pass
 
 
+class Profile:
+  """A ``jax.profiler`` trace of steps ``start..stop`` (``train.profile_steps``) into ``directory``,
+  viewable in TensorBoard's profile plugin / XProf (docs/profiling.md). Other steps run untraced."""
+
+  def __init__(self, start: int, stop: int, directory: str):
+    self.start, self.stop, self.directory, self.active = start, stop, directory, False
+
+  def before_step(self, step: int, batch: dict) -> dict:
+    if step == self.start:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+    return batch
+
+  def after_step(self, step: int, metrics: dict) -> None:
+    if self.active and step >= self.stop:
+      self.close(metrics)
+
+  def close(self, metrics=None) -> None:
+    """Ends the trace (after the traced step's work is done); the loop calls it if the run ends early."""
+    if self.active:
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
+      self.active = False
+      log.info("wrote a profile of steps %d-%d to %s", self.start, self.stop, self.directory)
+
+
 def default_hooks(cfg: ml_collections.ConfigDict) -> list[LoopHook]:
   """The hooks every run gets: NaN injection (empty unless its variable is set) and the collapse watch."""
   return [InjectNaN.from_env(), ExpertCollapseWatch(cfg.model.moe.collapse_steps)]

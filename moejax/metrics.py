@@ -9,6 +9,7 @@ TensorBoard) so the files read as one uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -43,15 +44,34 @@ def _jsonable(value) -> float | list[float]:
   return float(array) if array.ndim == 0 else [float(f"{x:.5g}") for x in array.ravel()]
 
 
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """Model FLOPs behind ``tokens_per_s`` (moejax/flops.py): per-device TFLOP/s and, where the device's
+  peak is known, MFU."""
+
+  train_flops_per_token: float   # forward + backward model FLOPs (remat recompute not counted)
+  num_devices: int
+  peak_flops_per_device: float | None  # None (e.g. CPU): MFU is not reported
+
+  def metrics(self, tokens_per_s: float) -> dict[str, float]:
+    per_device = self.train_flops_per_token * tokens_per_s / self.num_devices
+    out = {"model_tflops_per_s": per_device / 1e12}
+    if self.peak_flops_per_device:
+      out["mfu"] = per_device / self.peak_flops_per_device
+    return out
+
+
 class MetricsWriter:
   """Writes scalar metrics for one run; only process 0 should create one."""
 
-  def __init__(self, workdir: str, start_step: int, total_steps: int, tokens_per_step: int):
+  def __init__(self, workdir: str, start_step: int, total_steps: int, tokens_per_step: int,
+               throughput: "Throughput | None" = None):
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     _truncate_jsonl(self.jsonl_path, start_step)
     self._jsonl = open(self.jsonl_path, "a")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
     self._tokens_per_step = tokens_per_step
+    self._throughput = throughput
     self._last = (start_step, time.perf_counter())
     self._first: tuple[int, float] | None = None  # the first logged step: the ETA's clock starts after compiling
     self._interactive = sys.stderr.isatty()
@@ -62,7 +82,9 @@ class MetricsWriter:
     last_step, last_time = self._last
     now = time.perf_counter()
     if step > last_step:
-      metrics = dict(metrics, tokens_per_s=(step - last_step) * self._tokens_per_step / (now - last_time))
+      tokens_per_s = (step - last_step) * self._tokens_per_step / (now - last_time)
+      metrics = dict(metrics, tokens_per_s=tokens_per_s,
+                     **(self._throughput.metrics(tokens_per_s) if self._throughput else {}))
     self._last = (step, now)
     self._first = self._first or (step, now)
     record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}

@@ -22,8 +22,9 @@ from moejax import config as config_lib
 from moejax import console
 from moejax.checkpoint import Checkpointer
 from moejax.experiment import Experiment
-from moejax.hooks import INJECT_NAN_ENV, ExpertCollapseWatch, LoopHook, default_hooks
-from moejax.metrics import MetricsWriter
+from moejax.hooks import INJECT_NAN_ENV, ExpertCollapseWatch, LoopHook, Profile, default_hooks
+from moejax import flops
+from moejax.metrics import MetricsWriter, Throughput
 from moejax.objective import SOWN, ExtraObjective, Forward, forward
 from moejax.preemption import StopRequests
 from moejax.step import TrainState, make_eval_step, make_train_step
@@ -105,8 +106,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
-  writer = MetricsWriter(workdir, start, t.steps, t.batch_size * cfg.data.seq_len) if primary else None
+  writer = MetricsWriter(workdir, start, t.steps, t.batch_size * cfg.data.seq_len,
+                         throughput(cfg, exp.mesh.devices.size)) if primary else None
   hooks = default_hooks(cfg) if hooks is None else list(hooks)
+  if cfg.train.profile_steps[1]:
+    hooks.append(Profile(*cfg.train.profile_steps, os.path.join(workdir, "profile")))
   bad_in_a_row = 0
 
   try:
@@ -135,6 +139,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
           log.warning("stopped at step %d with a checkpoint; run the same command again to resume", step)
           break
   finally:
+    for hook in hooks:
+      if isinstance(hook, Profile):
+        hook.close()
     ckpt.wait()
     ckpt.close()
     if writer:
@@ -142,6 +149,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
   if primary:
     console.closing_summary(workdir, cfg)
   return state
+
+
+def throughput(cfg: ml_collections.ConfigDict, num_devices: int) -> Throughput:
+  """MFU accounting of a run: ``train.peak_flops`` or the device kind's bf16 peak (None on CPU: unknown)."""
+  kind = jax.devices()[0].device_kind
+  peak = cfg.train.peak_flops or flops.peak_flops(kind)
+  if not peak:
+    log.info("MFU: unknown on %s (no peak FLOP/s for it; set --config.train.peak_flops=FLOP/s per device); "
+             "model_tflops_per_s is logged", kind)
+  return Throughput(flops.model_flops(cfg.model, cfg.data.seq_len).train, num_devices, peak or None)
 
 
 def _handle_nonfinite(exp: Experiment, ckpt: Checkpointer, state: TrainState, step: int, metrics,

@@ -148,6 +148,11 @@ def _validate_train(e: list[str], t: ml_collections.ConfigDict) -> None:
   if t.grad_accum_steps >= 1:
     _check(e, t.batch_size % t.grad_accum_steps == 0,
            f"train.grad_accum_steps={t.grad_accum_steps} does not divide train.batch_size={t.batch_size}.")
+  _check(e, t.peak_flops >= 0, f"train.peak_flops={t.peak_flops} must be >= 0 (0: the device kind's bf16 peak).")
+  start, stop = (tuple(t.profile_steps) + (0, 0))[:2]
+  _check(e, len(t.profile_steps) == 2 and (start, stop) == (0, 0) or 1 <= start <= stop,
+         f"train.profile_steps={tuple(t.profile_steps)} must be (start, stop) with 1 <= start <= stop, or (0, 0) "
+         "for no profile; e.g. --config.train.profile_steps='(5, 7)'.")
 
 
 def _validate_optim(e: list[str], cfg: ml_collections.ConfigDict) -> None:

@@ -108,3 +108,31 @@ def test_visible_keys_is_the_mean_of_the_causal_counts():
   assert flops.visible_keys(4) == np.mean([1, 2, 3, 4])
   assert flops.visible_keys(6, window=2) == np.mean([1, 2, 2, 2, 2, 2])
   assert flops.visible_keys(8, ratio=4, topk=1) == np.mean([0, 0, 0, 1, 1, 1, 1, 1])
+
+
+def test_a_run_logs_model_tflops_mfu_and_writes_a_profile(tmp_path):
+  """metrics.jsonl: model_tflops_per_s = train FLOPs per token x tokens/s per device, and MFU against
+  train.peak_flops (no MFU where the peak is unknown, as on CPU); train.profile_steps writes a trace."""
+  import glob
+  import json
+
+  from moejax.train import train
+  from tests.test_train import small_train_cfg
+
+  cfg = small_train_cfg(steps=3)
+  cfg.train.update(log_every=1, peak_flops=1e12, profile_steps=(2, 2))
+  cfg.mesh.update(data=1)
+  train(cfg, str(tmp_path), devices=jax.devices()[:1])
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  per_token = flops.model_flops(cfg.model, cfg.data.seq_len).train
+  for r in records[1:]:
+    assert r["model_tflops_per_s"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12, rel=1e-6)
+    assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12, rel=1e-6)
+  assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)
+
+
+def test_cpu_has_no_peak_so_no_mfu():
+  from moejax.metrics import Throughput
+
+  assert flops.peak_flops(jax.devices()[0].device_kind) is None
+  assert Throughput(6e6, 1, None).metrics(1000.0) == {"model_tflops_per_s": 6e9 / 1e12}

@@ -235,7 +235,7 @@ def replayable(router_cls: type) -> type:
       if self.has_variable(REPLAY_COLLECTION, "expert_BxTxK"):
         expert_NxK = self.get_variable(REPLAY_COLLECTION, "expert_BxTxK").reshape(x_NxD.shape[0], -1)
         expert_NxK = expert_NxK.astype(jnp.int32)
-        weight_NxK = combine_weights(SCORES[self.cfg.moe.score](aux.logits_NxE), expert_NxK, self.cfg.moe)
+        weight_NxK = combine_weights(SCORE_FUNCTIONS[self.cfg.moe.score](aux.logits_NxE), expert_NxK, self.cfg.moe)
       return expert_NxK, weight_NxK, aux
     if getattr(method, "compact", False):
       __call__ = nn.compact(__call__)

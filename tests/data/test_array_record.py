@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader
 
 from moejax.config import ConfigError, base_config, validate
 from moejax.data import ShardedBatches, make_iterator

@@ -51,7 +51,7 @@ class DeepseekV4(Arch):
 
   def model_config(self, f: HFFields) -> dict:
     model = common_model(f)
-    n, head = model["num_layers"], f("head_dim")
+    head = f("head_dim")
     for field in ("attention_bias", "mlp_bias"):
       f.expect(field, (False,), False)
     f.expect("num_key_value_heads", (1,), 1)

@@ -4,7 +4,9 @@ The cell tagged ``parameters`` is followed by an injected cell with the CI
 values below (papermill-style); a notebook without one runs as it is.
 """
 
+import json
 import os
+import sys
 
 import nbformat
 import pytest
@@ -56,4 +58,11 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   # quickstart finds configs/ from its working directory (colab/ of the checkout); the others write to WORKDIR.
   cwd = os.path.join(REPO, "colab") if where is None else str(tmp_path / "colab")
   os.makedirs(cwd, exist_ok=True)
-  NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": cwd}}).execute()
+  # The kernel is this interpreter (the test's venv), whatever kernelspecs the machine has installed.
+  spec = tmp_path / "jupyter" / "kernels" / "moejax-test"
+  spec.mkdir(parents=True)
+  (spec / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": "moejax test", "language": "python"}))
+  monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+  NotebookClient(book, timeout=600, kernel_name="moejax-test", resources={"metadata": {"path": cwd}}).execute()

@@ -129,6 +129,7 @@ def main():
   parser.add_argument("--skip-slow", action="store_true", help="skip the variants that take seconds per step on CPU")
   args = parser.parse_args()
 
+  results = Results("moe_layer", params=dict(vars(args)))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(8, args.tokens // 8, args.d_model)).astype(np.float32))
   platform = jax.devices()[0].platform
   slow = SLOW_ON_CPU if platform == "cpu" else ()
@@ -181,7 +182,6 @@ def main():
   is_slow = lambda label: platform == "cpu" and any(s in label for s in SLOW_ON_CPU)
   wall = interleaved({label: timed(label) for label in steps if not is_slow(label)}, args.reps)
   wall.update({label: [timed(label)()] for label in steps if is_slow(label)})
-  results = Results("moe_layer", params={k: v for k, v in vars(args).items()})
   results.add_rows([{"variant": label, **summary(cpu[label], cpu[BASELINE][:len(cpu[label])]),
                      "wall_median_s": summary(wall[label])["median_s"], "wall_samples_s": wall[label],
                      **routing.get(label, {})} for label in steps],

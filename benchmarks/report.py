@@ -55,7 +55,7 @@ def provenance(record: dict) -> str:
   load = lambda k: "/".join(f"{x:g}" for x in record[k]) if record.get(k) else "?"
   return (f"<sub>Measured {record['date'][:10]} at commit `{commit}` on {device}, jax {m.get('jax', '?')}; "
           f"load average (1/5/15 min) {load('load_average_before')} before, {load('load_average_after')} after; "
-          f"`{record['command']}`; raw: `{record['_path']}`.</sub>\n")
+          f"`python {record['command']}`; raw: `{record['_path']}`.</sub>\n")
 
 
 def render(spec: str, results_dir: str = RESULTS_DIR) -> str:

@@ -169,6 +169,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Device mesh; -1 on at most one axis means "all remaining devices".
   c.mesh = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})
   c.mesh.data = -1
+  # Multi-slice (TPU) / multi-node (GPU) meshes: slices or nodes along each axis, which
+  # then spans DCN between them and ICI/NVLink within (moejax/sharding.py:device_array).
+  # mesh.<axis> stays the whole axis; the product of dcn_* is the number of slices/nodes.
+  c.mesh.update({f"dcn_{a}": 1 for a in MESH_AXES})
   return c
 
 
@@ -266,6 +270,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   from moejax.layers.mlp import MLP
   from moejax.layers.moe import MoE
   from moejax.optim import OPTIMIZERS, SCHEDULES
+  from moejax.sharding import validate_mesh_dcn
 
   e: list[str] = []
   m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
@@ -384,6 +389,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
              f"sequences per micro-batch must divide over mesh.data*mesh.fsdp*mesh.expert={batch_shards} devices.")
       _validate_context(e, cfg, shape["context"])
 
+  validate_mesh_dcn(e, cfg.mesh, num_devices)
   if e:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(e))
 

@@ -84,3 +84,12 @@ def test_bad_overrides_fail_cleanly_and_write_nothing(tmp_path, override, messag
 def test_usage_without_command():
   out = moejax()
   assert out.returncode == 2 and "usage: moejax" in out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v9:2x2"], "unknown chip 'v9'"),
+    ([], "--topology is required"),
+])
+def test_compile_bad_topology_fails_cleanly(args, message):
+  result = moejax("compile", "--config", "configs/tiny.py", *args)
+  assert result.returncode == 2 and message in result.stderr, result.stderr

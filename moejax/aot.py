@@ -59,8 +59,9 @@ class DoesNotFit(Exception):
 
 def chip_of(topology: str) -> str:
   """``"v5p:2x2x1"`` -> ``"v5p"``; a clear error for a chip without datasheet numbers."""
-  chip = topology.split(":")[0].lower().replace("tpu", "").strip(" _-")
-  chip = {"v5litepod": "v5e", "v5lite": "v5e", "v6 lite": "v6e"}.get(chip, chip)
+  name = topology.lower().replace("tpu", "").strip(" _-")
+  chip = re.match(r"v[0-9]+[a-z]*", name)
+  chip = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}.get(chip and chip.group(0), chip and chip.group(0))
   if chip not in CHIPS:
     raise ValueError(f"--topology {topology!r}: unknown chip {chip!r}; known: {', '.join(CHIPS)} "
                      "(e.g. v5p:2x2x1, v4:2x2x2, v5e:4x4, v6e:2x2).")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import re
 
 import jax
@@ -149,6 +150,9 @@ def topology_devices(topology: str) -> list:
     raise ImportError("moejax compile needs libtpu to compile for TPU: pip install -e '.[tpu]' "
                       "(a separate venv keeps the CPU one unchanged)") from None
   from jax.experimental import topologies
+
+  # Compiling attaches to no chip, so several processes (pytest workers, a sweep) may load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
 
 

@@ -151,8 +151,9 @@ def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
   """Every MoE dispatch backend on one layer, fwd + bwd, interleaved rounds (``benchmarks/moe_layer.py``)."""
   import jax.numpy as jnp
   import ml_collections
+  # benchmarks/ is on sys.path when this file runs as a script
+  from moe_layer import moejax_step
 
-  from moe_layer import moejax_step  # benchmarks/ is on sys.path when this file runs as a script
   from moejax.benchmarking import interleaved
 
   cfg = base_config().model

@@ -8,6 +8,7 @@
   moejax convert --from-hf path/to/hf_checkpoint --out workdirs/converted [--dtype bfloat16]
   moejax convert --to-hf workdirs/converted --out path/to/hf_out
   moejax data prepare --input 'corpus/*.jsonl' --tokenizer byte --out data/corpus [--workers 4]
+  moejax compile --config configs/v4_flash.py --topology v5p:4x4x8 --config.mesh.fsdp=-1
 
 Config overrides use ml-collections' dotted flags; an unknown or ill-typed
 field is an error. All logic lives in the library (``moejax.train``).
@@ -51,6 +52,9 @@ commands:
   data    prepare --input GLOBS --tokenizer T --out DIR [--format jsonl|txt|parquet]
           [--field text] [--workers N]: tokenize a corpus once into ArrayRecord shards
           (resumable) for --config.data.source=array_record --config.data.path=DIR
+  compile --topology v5p:2x2x1: compile the train step ahead of time for a TPU topology
+          (needs libtpu: pip install -e .[tpu]) and print HBM per device, FLOPs,
+          collectives and a roofline step time; exit 2 when it does not fit
 
 moejax COMMAND --help lists a command's flags and examples. eval, generate and
 convert --to-hf read WORKDIR/config.json when --config is not given.
@@ -291,8 +295,32 @@ def cmd_config(argv: list[str]) -> int:
   return 0
 
 
+def cmd_compile(argv: list[str]) -> int:
+  from moejax import aot
+
+  def define(fv):
+    flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x2x1 or v5p:4x4x8", flag_values=fv)
+
+  cfg, _, fv = _parse("compile", argv, define)
+  if not fv["topology"].value:
+    raise flags.Error("--topology is required, e.g. --topology v5p:2x2x1")
+  try:
+    aot.chip_of(fv["topology"].value)
+  except ValueError as err:
+    raise flags.Error(str(err)) from None
+  report = aot.compile_train_step(cfg, fv["topology"].value)
+  print(report)
+  try:
+    aot.check_fits(report)
+  except aot.DoesNotFit as err:
+    print(f"moejax compile: does not fit: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep,
-            "convert": cmd_convert, "distill": cmd_distill, "config": cmd_config, "data": cmd_data}
+            "convert": cmd_convert, "distill": cmd_distill, "config": cmd_config, "data": cmd_data,
+            "compile": cmd_compile}
 FLAGS = {"train": _train_flags, "eval": _eval_flags, "generate": _generate_flags, "sweep": _sweep_flags}
 
 
@@ -316,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return COMMANDS[argv[0]](argv[1:])
   except (flags.Error, ConfigError, CheckpointMismatchError, UnreadableCheckpointsError, FileNotFoundError,
-          KeyError, NotImplementedError) as err:
+          KeyError, NotImplementedError, ImportError) as err:
     print(f"moejax {argv[0]}: error: {err}", file=sys.stderr)
     return 2
   except NonFiniteError as err:

@@ -33,6 +33,14 @@ COMMANDS = {
                 "WORKDIR/config.json).",
                 ["moejax convert --from-hf path/to/hf_checkpoint --out workdirs/converted",
                  "moejax convert --to-hf workdirs/tiny --out workdirs/tiny-hf"]),
+    "data": ("Tokenize a corpus once into ArrayRecord shards with a manifest (parallel, resumable) for "
+             "--config.data.source=array_record; see docs/data.md.",
+             ["moejax data prepare --input 'corpus/*.jsonl' --tokenizer byte --out data/corpus --workers 4"]),
+    "compile": ("Compile the train step ahead of time for an unattached TPU topology (needs libtpu: pip install -e "
+                "'.[tpu]'); prints HBM per device, FLOPs, collectives and a roofline step time; exit 2 when it "
+                "does not fit. See docs/sharding.md.",
+                ["moejax compile --config configs/tiny_moe.py --topology v5p:2x2x1 --config.mesh.data=1 "
+                 "--config.mesh.expert=4"]),
     "config": ("Print the resolved config (the file, its variant and every --config.FIELD=VALUE override) as "
                "JSON, after validating it.",
                ["moejax config --config configs/tiny_moe.py --config.model.moe.num_experts=16"]),

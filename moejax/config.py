@@ -177,6 +177,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Device mesh; -1 on at most one axis means "all remaining devices".
   c.mesh = ml_collections.ConfigDict({a: 1 for a in MESH_AXES})
+  # Multi-slice (TPU) / multi-node (GPU) meshes: slices or nodes along each axis, which
+  # then spans DCN between them and ICI/NVLink within (moejax/sharding.py:device_array).
+  # mesh.<axis> stays the whole axis; the product of dcn_* is the number of slices/nodes.
+  c.mesh.update({f"dcn_{a}": 1 for a in MESH_AXES})
   c.mesh.data = -1
   return c
 

@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from moejax.config import MESH_AXES, mesh_shape
+from moejax.config import MESH_AXES, ConfigError, mesh_shape
 
 # The mesh axes that split the batch (outside MoE layers the expert axis is one
 # more data axis); context parallelism and MoE dispatch use the same tuple.
@@ -49,11 +50,83 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+# Mesh axes from the least to the most communication-intensive: the order in which
+# ``mesh_utils.create_device_mesh`` wants them, so tensor (an all-reduce per layer) and
+# expert (all-to-all) get the innermost, best-connected physical axes and data the outermost.
+NETWORK_ORDER = ("data", "fsdp", "context", "expert", "tensor")
+
+
+def dcn_shape(mesh_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Slices (TPU) or nodes (GPU) along each mesh axis: ``mesh.dcn_<axis>``, 1 when unset."""
+  return {a: int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES}
+
+
+def validate_mesh_dcn(e: list[str], mesh_cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Appends to ``e`` what is wrong with the ``mesh.dcn_*`` fields (config.validate calls this)."""
+  dcn = dcn_shape(mesh_cfg)
+  for a, v in dcn.items():
+    if v < 1:
+      e.append(f"mesh.dcn_{a}={v} must be >= 1 (the number of slices or nodes along mesh.{a}; 1: none).")
+  if any(v < 1 for v in dcn.values()) or num_devices is None:
+    return
+  granules = math.prod(dcn.values())
+  if num_devices % granules:
+    e.append(f"mesh.dcn_* multiply to {granules} slices/nodes, which does not divide the {num_devices} devices; "
+             "make their product the number of slices (TPU) or hosts (GPU).")
+    return
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+    return  # config.validate reports those
+  shape = mesh_shape(mesh_cfg, num_devices)
+  for a in MESH_AXES:
+    if shape[a] % dcn[a]:
+      e.append(f"mesh.dcn_{a}={dcn[a]} does not divide mesh.{a}={shape[a]}: mesh.{a} is the whole axis, "
+               f"dcn_{a} the slices along it (each slice holds mesh.{a} / dcn_{a}); change one of them.")
+
+
+def device_array(devices: Sequence, shape: dict[str, int], dcn: dict[str, int] | None = None) -> np.ndarray:
+  """Devices laid out as an array of ``shape`` (axes in MESH_AXES order), following the hardware.
+
+  Without DCN axes (every ``dcn`` entry 1) this is ``mesh_utils.create_device_mesh``,
+  which maps the logical axes onto the TPU torus (ring orders, contiguous sub-cubes) and
+  orders GPUs by their global id; on CPU it is a plain reshape. With DCN axes it is
+  ``mesh_utils.create_hybrid_device_mesh``: each slice (devices sharing ``slice_index``,
+  or ``process_index`` where the platform has no slices, i.e. one GPU node per process)
+  holds a ``shape / dcn`` ICI mesh and the slices tile the ``dcn`` mesh, so along each
+  axis the slice index changes slowest. Both are built in ``NETWORK_ORDER`` and
+  transposed back to ``MESH_AXES``.
+  """
+  from jax.experimental import mesh_utils
+
+  dcn = dcn or {a: 1 for a in MESH_AXES}
+  ici = [shape[a] // dcn[a] for a in NETWORK_ORDER]
+  outer = [dcn[a] for a in NETWORK_ORDER]
+  devices = list(devices)
+
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  processes = len({getattr(d, "process_index", 0) for d in devices})
+  if math.prod(outer) > 1 and math.prod(outer) not in (slices, processes):
+    raise ConfigError(f"mesh.dcn_* = {dcn} asks for {math.prod(outer)} slices/nodes, but the {len(devices)} devices "
+                      f"span {slices} slice(s) and {processes} process(es); make the product of mesh.dcn_* equal "
+                      "one of them, or set every mesh.dcn_* to 1.")
+
+  def build(split: bool) -> np.ndarray:
+    if math.prod(outer) == 1:
+      return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=split)
+    return mesh_utils.create_hybrid_device_mesh(ici, outer, devices, process_is_granule=slices != math.prod(outer),
+                                                allow_split_physical_axes=split)
+
+  try:
+    array = build(split=False)
+  except (ValueError, NotImplementedError):  # e.g. a logical axis that must split a physical TPU axis
+    array = build(split=True)
+  return array.transpose([NETWORK_ORDER.index(a) for a in MESH_AXES])
+
+
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes (data, fsdp, tensor, expert, context) over ``devices``."""
+  """A mesh with axes (data, fsdp, tensor, expert, context) over ``devices`` (see :func:`device_array`)."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape([shape[a] for a in MESH_AXES]), MESH_AXES)
+  return Mesh(device_array(devices, mesh_shape(mesh_cfg, len(devices)), dcn_shape(mesh_cfg)), MESH_AXES)
 
 
 def logical_sharding(mesh: Mesh, boxed_tree):

@@ -109,7 +109,7 @@ def _per_layer_rms(updates) -> dict[str, jax.Array]:
     entry = sums.setdefault(f"{layer_name(path)}/update_rms", [0.0, 0])
     entry[0] = entry[0] + jnp.sum(jnp.square(u.astype(jnp.float32)))
     entry[1] += u.size
-  return {k: jnp.sqrt(total / count) for k, (total, count) in sums.items()}
+  return {k: jnp.sqrt(total / float(count)) for k, (total, count) in sums.items()}  # counts can pass 2^31
 
 
 def make_eval_step(model: nn.Module, loss_chunk: int) -> Callable[[Any, Any, Batch], dict]:

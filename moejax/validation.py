@@ -22,6 +22,7 @@ from moejax.config import (DTYPES, MESH_AXES, NONFINITE_POLICIES, REMAT_POLICIES
                            mesh_shape)
 from moejax.data import SOURCES, tokenizer_vocab_size
 from moejax.data.array_record import validate_pipeline
+from moejax.sharding import validate_mesh_dcn
 from moejax.distill.config import validate_distill
 from moejax.layers.attention import ATTENTION
 from moejax.layers.attention.checks import validate_attention, validate_qk_clip
@@ -212,6 +213,7 @@ def _validate_distributed_and_mesh(e: list[str], cfg: ml_collections.ConfigDict,
              f"train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} = {micro} "
              f"sequences per micro-batch must divide over mesh.data*mesh.fsdp*mesh.expert={batch_shards} devices.")
       _validate_context(e, cfg, shape["context"])
+  validate_mesh_dcn(e, cfg.mesh, num_devices)
 
 
 def _validate_context(e: list[str], cfg: ml_collections.ConfigDict, context: int) -> None:

@@ -225,3 +225,12 @@ def test_moe_run_prints_a_router_summary_per_layer_at_eval_steps(tmp_path):
     assert line in out.stderr, (line, out.stderr[-3000:])
     # Raw and weighted balance terms are both logged; the weighted ones are what entered the objective.
     assert f"{layer}/z_loss" in last and f"{layer}/z_loss_weighted" in last
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v9:2x2"], "unknown chip 'v9'"),
+    ([], "--topology is required"),
+])
+def test_compile_bad_topology_fails_cleanly(args, message):
+  result = moejax("compile", "--config", "configs/tiny.py", *args)
+  assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -1,0 +1,233 @@
+"""One prepared accelerator suite: train steps at ~1B scale and the MoE dispatch backends, on one device.
+
+  python benchmarks/accelerator.py                 # one H100 / one TPU chip: the full suite (target <= 8 min)
+  python benchmarks/accelerator.py --smoke         # the same code at tiny sizes, CPU, < 1 minute
+  python benchmarks/accelerator.py --cases dense,moe8 --steps 5 --results-dir /tmp/r
+
+Train-step cases (bf16 compute, float32 parameters and AdamW moments unless stated,
+random tokens, one device; median of ``--steps`` steps after two warm-up steps):
+
+* ``dense``: ~0.9B dense GQA model (16 layers, d 2048, 16 heads / 8 kv, SwiGLU 5632,
+  vocab 32000) at T = 4096, batch 4.
+* ``moe8``: ~1.0B total, ~0.5B active: the same attention, 8 experts top-2 of width 896.
+* ``moe64``: the same total and active size, fine-grained: 64 experts top-16 of width 112.
+* ``v4_4k`` / ``v4_32k``: the DeepSeek-V4 schedule (2 x HCA, then alternating CSA / HCA, a
+  hash-routed first MoE layer, 64 experts top-6 + 1 shared, 12 layers, d 1024) at T = 4096
+  (batch 4) and T = 32768 (batch 1, every block rematerialised).
+* ``moe8_muon``: ``moe8`` with Muon (AdamW on embeddings / head / router, as configured).
+
+Each row: tokens/s, MFU (``moejax.flops`` model FLOPs, remat not counted, over the
+device's bf16 peak; unknown on CPU), peak device memory (``device.memory_stats()``
+``peak_bytes_in_use``, cumulative over the process, so read it per case in order; not
+reported by the CPU backend), compile time (first step minus a median step) and the MoE
+dispatch / attention kernel each case resolved to. Then every MoE dispatch backend on
+one layer (fwd + bwd, 16K tokens, d 2048, 64 experts top-6 of width 1408) side by side.
+
+Memory (reasoned, not compiled at full size on CPU, which takes longer than the suite):
+per parameter 4 (fp32 weights) + 4 (grads) + 8 (two Adam moments) = 16 bytes, so ~1B
+parameters take ~16 GB. Activations without remat at 16K tokens per step: the block
+inputs and the saved matmul inputs/outputs are ~20 [T, D] bf16 tensors per layer (attention
+runs chunked above 2048 positions, so no [T, T] scores are kept): 16K x 2048 x 2 B x 20
+~ 1.3 GB per layer, ~21 GB for 16 layers, plus the SwiGLU/expert hidden ([16K, 5632] x 3)
+and the loss formed ``loss_chunk`` positions at a time: under 45 GB in all. ``v4_32k``
+rematerialises every block (only block inputs stay: 32K x 1024 x 2 B x 12 = 0.8 GB) so the
+compressed-attention temporaries of one block dominate. The cases run one after another
+and each frees its state before the next, so the largest single case must fit in 80 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from moejax.benchmarking import RESULTS_DIR, Results, summary
+from moejax.config import base_config
+from moejax.flops import mfu, model_flops, peak_flops
+from moejax.layers.moe_dispatch import BACKENDS, resolve_backend
+
+V4_SCHEDULE = ("hca", "hca") + ("csa", "hca") * 5
+
+
+def _dense(c, smoke: bool):
+  if smoke:
+    c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, ffn_dim=128, vocab_size=512)
+  else:
+    c.model.update(num_layers=16, d_model=2048, num_heads=16, num_kv_heads=8, ffn_dim=5632, vocab_size=32000)
+
+
+def _moe(c, smoke: bool, experts: int):
+  _dense(c, smoke)
+  width = (128 if smoke else 896) * 8 // experts
+  c.model.update(mlp_types=("moe",))
+  c.model.moe.update(num_experts=experts, top_k=experts // 4, expert_ffn_dim=width, num_shared=0, score="softmax")
+
+
+def _v4(c, smoke: bool, long: bool):
+  layers = 4 if smoke else 12
+  c.model.update(num_layers=layers, d_model=64 if smoke else 1024, num_heads=4 if smoke else 16,
+                 num_kv_heads=1, ffn_dim=128 if smoke else 2816, vocab_size=512 if smoke else 32000,
+                 attention_types=V4_SCHEDULE[:layers], mlp_types=("hash_moe",) + ("moe",) * (layers - 1),
+                 remat=("full",) if long else ("none",))
+  c.model.attention.update(window=128, sinks=True, q_lora_rank=32 if smoke else 512, rope_dim=16 if smoke else 64,
+                           rope_layout="interleave", csa_ratio=4, hca_ratio=128, index_heads=2 if smoke else 8,
+                           index_head_dim=16 if smoke else 64, index_topk=64 if smoke else 512, o_groups=2,
+                           o_lora_rank=32 if smoke else 512, compress_rope_theta=160_000.0)
+  c.model.moe.update(num_experts=16 if smoke else 64, top_k=4 if smoke else 6, expert_ffn_dim=32 if smoke else 512,
+                     num_shared=1)
+
+
+# name: (builder(cfg, smoke), seq_len full, batch full, optimizer)
+CASES = {
+    "dense": (lambda c, s: _dense(c, s), 4096, 4, "adamw"),
+    "moe8": (lambda c, s: _moe(c, s, 8), 4096, 4, "adamw"),
+    "moe64": (lambda c, s: _moe(c, s, 64), 4096, 4, "adamw"),
+    "v4_4k": (lambda c, s: _v4(c, s, long=False), 4096, 4, "muon"),
+    "v4_32k": (lambda c, s: _v4(c, s, long=True), 32768, 1, "muon"),
+    "moe8_muon": (lambda c, s: _moe(c, s, 8), 4096, 4, "muon"),
+}
+
+
+def case_config(name: str, smoke: bool):
+  build, seq_len, batch, optimizer = CASES[name]
+  c = base_config()
+  build(c, smoke)
+  c.model.dtype = "bfloat16"
+  c.data.seq_len = 256 if smoke else seq_len
+  c.train.update(batch_size=2 if smoke else batch, steps=100, loss_chunk=1024)
+  c.optim.update(name=optimizer, warmup_steps=0)
+  c.mesh.update(data=1)
+  return c
+
+
+def backends_used(cfg, platform: str) -> str:
+  """The MoE dispatch backend and attention kernel the config resolves to on ``platform``."""
+  attn = cfg.model.attention
+  kernel = attn.implementation if attn.implementation != "auto" else (
+      "xla" if cfg.data.seq_len <= attn.xla_max_len else "chunked")
+  mlp = set(cfg.model.mlp_types)
+  moe = resolve_backend(cfg.model.moe.backend, cfg.model.moe.dispatch == "dropless", False, platform) \
+      if mlp & {"moe", "hash_moe"} else "-"
+  return f"moe {moe}, attention {kernel}"
+
+
+def random_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  b, t = cfg.train.batch_size, cfg.data.seq_len
+  tokens = rng.integers(0, cfg.model.vocab_size, (b, t + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, t), np.float32),
+          "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+
+
+def run_case(name: str, smoke: bool, steps: int) -> dict:
+  from moejax.train import Experiment
+
+  cfg = case_config(name, smoke)
+  device = jax.devices()[0]
+  exp = Experiment(cfg, [device])
+  state, rng = exp.init_state(), np.random.default_rng(0)
+  times = []
+  for _ in range(steps + 2):
+    batch = random_batch(cfg, rng)
+    start = time.perf_counter()
+    state, metrics = exp.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  stats = summary(times[2:])
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  flops = model_flops(cfg.model, cfg.data.seq_len)
+  peak = peak_flops(device.device_kind)
+  memory = (device.memory_stats() or {}).get("peak_bytes_in_use")
+  del state
+  return {"case": name, **stats, "tokens_per_step": tokens, "tokens_per_s": tokens / stats["median_s"],
+          "model_tflops_per_token": flops.train / 1e12,
+          "mfu": mfu(flops.train, tokens / stats["median_s"], 1, peak) if peak else None,
+          "peak_memory_bytes": memory, "compile_s": times[0] - stats["median_s"],
+          "backends": backends_used(cfg, device.platform), "loss": float(metrics["loss"])}
+
+
+def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
+  """Every MoE dispatch backend on one layer, fwd + bwd, interleaved rounds (``benchmarks/moe_layer.py``)."""
+  import jax.numpy as jnp
+  import ml_collections
+  # benchmarks/ is on sys.path when this file runs as a script
+  from moe_layer import moejax_step
+
+  from moejax.benchmarking import interleaved
+
+  cfg = base_config().model
+  d, experts, top_k, width, tokens = (64, 16, 4, 32, 512) if smoke else (2048, 64, 6, 1408, 16384)
+  cfg.update(d_model=d, dtype="bfloat16", vocab_size=320)
+  cfg.moe.update(num_experts=experts, top_k=top_k, expert_ffn_dim=width, num_shared=1, score="softmax")
+  x = jax.random.normal(jax.random.key(0), (1, tokens, d), jnp.bfloat16)
+  steps_fns = {}
+  for backend in BACKENDS.names():
+    spec = BACKENDS.get(backend)
+    dispatch = "dropless" if spec.dropless else "capacity"
+    layer_cfg = cfg.copy_and_resolve_references()
+    layer_cfg.moe.update(backend=backend, dispatch=dispatch)
+    step, _ = moejax_step(x, "moe", ml_collections.FrozenConfigDict(layer_cfg))
+    step()  # compile
+    steps_fns[f"{backend} ({dispatch})"] = lambda step=step: _timed(step)
+  samples = interleaved(steps_fns, steps)
+  first = next(iter(samples))
+  return [{"layer_backend": n, "tokens": tokens, **summary(s, samples[first])} for n, s in samples.items()]
+
+
+def _timed(step) -> float:
+  start = time.perf_counter()
+  step()
+  return time.perf_counter() - start
+
+
+def table(record: dict) -> str:
+  """Markdown: the train-step cases, then the MoE layer backends (``benchmarks/report.py``)."""
+  gib = lambda b: f"{b / 2 ** 30:.1f}" if b else "n/a"
+  pct = lambda x: "unknown" if x is None else f"{x:.1%}"
+  lines = ["| case | step ms (median) | tokens/s | MFU | peak memory GiB | compile s | backends |",
+           "|---|---|---|---|---|---|---|"]
+  for r in record["rows"]:
+    if "case" in r:
+      lines.append(f"| {r['case']} | {r['median_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
+                   f"{pct(r['mfu'])} | "
+                   f"{gib(r['peak_memory_bytes'])} | {r['compile_s']:.1f} | {r['backends']} |")
+  layer = [r for r in record["rows"] if "layer_backend" in r]
+  if layer:
+    lines += ["", "| MoE layer backend | fwd+bwd ms (median) | ratio to first |", "|---|---|---|"]
+    lines += [f"| {r['layer_backend']} | {r['median_s'] * 1e3:.2f} | {r['ratio']:.2f} |" for r in layer]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, under a minute)")
+  parser.add_argument("--cases", default=",".join(CASES), help="subset of: " + ", ".join(CASES))
+  parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 10; smoke 2)")
+  parser.add_argument("--no-layer", action="store_true", help="skip the MoE layer backends")
+  parser.add_argument("--results-dir", default=RESULTS_DIR, help="where the raw JSON goes")
+  args = parser.parse_args(argv)
+  steps = args.steps or (2 if args.smoke else 10)
+  names = args.cases.split(",")
+  unknown = sorted(set(names) - set(CASES))
+  if unknown:
+    parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+  device = jax.devices()[0]
+  print(f"accelerator suite on {device.device_kind} ({device.platform}){' [smoke]' if args.smoke else ''}")
+  results = Results("accelerator", params={"smoke": args.smoke, "cases": names, "steps": steps},
+                    directory=args.results_dir)
+  for name in names:
+    row = run_case(name, args.smoke, steps)
+    print(f"  {name}: {row['median_s'] * 1e3:.1f} ms/step, {row['tokens_per_s']:,.0f} tokens/s, "
+          f"compile {row['compile_s']:.1f} s, {row['backends']}", flush=True)
+    results.add_rows([row])
+  if not args.no_layer:
+    results.add_rows(run_layer_backends(args.smoke, steps))
+  results.add_rows([], device_kind=device.device_kind)
+  results.write()
+  print(table(results.record))
+  return results.record
+
+
+if __name__ == "__main__":
+  main()

@@ -6,7 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from moejax.config import MESH_AXES, ConfigError, base_config, validate
+from moejax.config import MESH_AXES, ConfigError, base_config
+from moejax.validation import validate
 from moejax.sharding import NETWORK_ORDER, device_array, make_mesh
 
 

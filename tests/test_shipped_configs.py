@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from moejax.config import INDEXER_STAGES, load_config, validate
+from moejax.config import INDEXER_STAGES, load_config
+from moejax.validation import validate
 from moejax.data import ShardedBatches
 from moejax.layers.routers import ROUTER_RECIPES
 from moejax.train import Experiment

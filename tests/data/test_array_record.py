@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from moejax.config import ConfigError, base_config, validate
+from moejax.config import ConfigError, base_config
+from moejax.validation import validate
 from moejax.data import ShardedBatches, make_iterator
 from moejax.data.array_record import MANIFEST
 from moejax.data.prepare import PrepareError, prepare

@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from moejax.config import ConfigError, base_config, validate
+from moejax.config import ConfigError, base_config
+from moejax.validation import validate
 from moejax.layers.balancing import bias_update_rate
 from moejax.layers.routers import update_router_bias
 from tests.lab.helpers import tiny_lab_cfg

@@ -1,5 +1,6 @@
 """moejax/aot.py: collectives read from HLO (CPU), and the TPU ahead-of-time compile (needs libtpu)."""
 
+import importlib.util
 import math
 
 import jax
@@ -56,7 +57,8 @@ def test_chip_of_and_capacity_check():
 
 def test_compile_tiny_config_for_v5p():
   """The train step of a 1-layer model compiled for 4 unattached v5p chips (skipped without libtpu)."""
-  pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e .[tpu]): TPU AOT compile not tested")
+  if importlib.util.find_spec("libtpu") is None:  # an optional extra, not an oracle: a visible skip, also in CI
+    pytest.skip("libtpu not installed (pip install -e '.[tpu]'): TPU AOT compile not tested")
   from moejax.flops import model_flops
   from moejax.train import Experiment
 

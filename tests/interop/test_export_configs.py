@@ -34,6 +34,9 @@ EXPORTABLE = {
     # 16 index heads: with 4, ReLU-gated index scores tie at 0 across the top-k boundary (docs/interop.md).
     "configs/v4_tiny.py": ("deepseek_v4", dict(attention=dict(index_heads=16))),
 }
+# Too large to build on CPU (284B parameters): its architecture mapping is checked, and its shape
+# is v4_tiny's, whose parity is tested above.
+MAPPING_ONLY = {"configs/v4_flash.py": "deepseek_v4"}
 # spec -> the field each message must name (the one that rules out the closest architecture).
 NOT_EXPORTABLE = {
     "configs/tiny_moe.py:v4": "model.mlp_types=('dense', 'hash_moe', 'moe', 'moe')",
@@ -53,8 +56,13 @@ NOT_EXPORTABLE = {
 
 def test_every_shipped_config_is_classified():
   files = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
-  covered = {spec.partition(":")[0] for spec in [*EXPORTABLE, *NOT_EXPORTABLE]}
+  covered = {spec.partition(":")[0] for spec in [*EXPORTABLE, *NOT_EXPORTABLE, *MAPPING_ONLY]}
   assert files == covered
+
+
+@pytest.mark.parametrize("spec", sorted(MAPPING_ONLY))
+def test_large_shipped_config_maps_to_its_architecture(spec):
+  assert hf.config_to_hf(load_config(os.path.join(ROOT, spec)))["model_type"] == MAPPING_ONLY[spec]
 
 
 def test_docs_list_every_config_that_does_not_export():

@@ -18,10 +18,11 @@ five ``compress_ratios`` (0, 0, 4, 128, 4): the two leading ratio-0 layers are r
 sliding-window-only (``swa``) and the rest alternate CSA / HCA; the MTP module is a ``swa``
 block with a dense MLP of width 2048; float32 parameters with bfloat16 compute; Muon;
 every block rematerialised; the training batch (``train.batch_size``, default 64 x 4096 tokens).
-The argument sets the sequence length: ``t=65536``.
+The argument (moejax/config_variants.py grammar) sets the sequence length: ``t=65536``.
 """
 
 from moejax.config import base_config
+from moejax.config_variants import parse_arg
 from moejax.layers.routers import ROUTER_RECIPES
 
 LAYERS = 43
@@ -29,10 +30,7 @@ SCHEDULE = ("swa", "swa") + tuple("csa" if i % 2 == 0 else "hca" for i in range(
 
 
 def get_config(arg: str | None = None):
-  options = dict(kv.split("=") for kv in (arg or "").split(",") if kv)
-  seq_len = int(options.pop("t", 4096))
-  if options:
-    raise ValueError(f"configs/v4_flash.py: unknown options {sorted(options)}; the only one is t=<sequence length>.")
+  seq_len = parse_arg(arg, t=4096).t
   c = base_config()
   c.model.update(num_layers=LAYERS, d_model=4096, vocab_size=129280, num_heads=64, num_kv_heads=1, head_dim=512,
                  ffn_dim=2048, dtype="bfloat16", attention_types=SCHEDULE,

@@ -34,7 +34,11 @@ VARIANTS = {
   "v4_1m.py": ["", "t=262144"],
   "distill_tiny.py": ["", "reverse", "cache", "on_policy", "labels", "cache,reverse"],
   "small.py": [""],
+  "v4_flash.py": ["", "t=65536"],
 }
+# Not stepped on CPU, with the reason (still loaded and validated above).
+NOT_STEPPED = {"v4_flash.py": "284B parameters: compiled for TPU slices by `moejax compile` (tests/test_aot.py); "
+                              "its shape is v4_tiny's, which steps here"}
 CASES = [(name, arg) for name, args in VARIANTS.items() for arg in args]
 # The step runs at these sizes; v4_1m's length must stay a multiple of its 2048-token HCA ratio.
 SEQ_LEN = {"v4_1m.py": 4096}
@@ -65,7 +69,7 @@ def test_listed_variants_cover_each_files_own_tables():
   assert set(module("v4_tiny.py").DATA) <= tokens("v4_tiny.py")
   assert set(module("distill_tiny.py").VARIANTS) <= tokens("distill_tiny.py")
   assert set(ROUTER_RECIPES) <= tokens("tiny_moe.py")
-  with pytest.raises(ValueError, match="unknown"):
+  with pytest.raises(ValueError, match="'not_a_variant' is neither an option value nor a flag; known: schedule"):
     _load("tiny_hybrid.py", "not_a_variant")
 
 
@@ -105,6 +109,8 @@ def experiments():
 
 @pytest.mark.parametrize("name,arg", CASES, ids=[f"{n}:{a}" if a else n for n, a in CASES])
 def test_config_trains_one_step_at_a_tiny_size(name, arg, experiments):
+  if name in NOT_STEPPED:
+    pytest.skip(NOT_STEPPED[name])
   cfg = _tiny(name, arg)
   validate(cfg, num_devices=1)
   key = _model_key(cfg)
@@ -127,6 +133,8 @@ def test_config_trains_one_step_at_a_tiny_size(name, arg, experiments):
 def test_tiny_override_keeps_the_shipped_schedules():
   """The step test shrinks lengths and batches, never the per-layer schedules it is meant to cover."""
   for name, arg in CASES:
+    if name in NOT_STEPPED:
+      continue
     shipped, tiny = _load(name, arg), _tiny(name, arg)
     for field in ("attention_types", "mlp_types"):
       assert tiny.model[field] == shipped.model[field], (name, arg, field)

@@ -49,8 +49,8 @@ def selections(cfg, tokens_BxT, seed: int = 0, variables=None) -> dict[str, np.n
     elif kind == "csa":
       q, w, entries = layer["indexer"]["__call__"][0]
       valid = entries.visible(idx_T[None], seg_BxT)
-      n = entries.kv_BxNxK.shape[1]
-      sel, ok = indexer.top_k(indexer.scores(q, w, entries.kv_BxNxK), valid, min(a.index_topk, n))
+      n = entries.kv_BxZxDh.shape[1]
+      sel, ok = indexer.top_k(indexer.scores(q, w, entries.kv_BxZxDh), valid, min(a.index_topk, n))
       out[f"layer_{i}"] = _mask(sel, ok, n)
     elif kind == "hca":
       entries = layer["compressor"]["__call__"][0]

@@ -97,7 +97,8 @@ def _flat_metrics(tree) -> dict[str, jax.Array]:
   Vectors stay vectors (e.g. ``layer_1/mlp/expert_load`` [E]); anything else is averaged.
   """
   flat = {}
-  for name, leaf in flatten(tree).items():
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))  # no sow index
     leaf = leaf.astype(jnp.float32)
     flat[name] = leaf if leaf.ndim == 1 else jnp.mean(leaf)
   return flat

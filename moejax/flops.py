@@ -106,7 +106,8 @@ def attention_flops(model_cfg, attention_type: str, seq_len: int) -> float:
       "hca": lambda: v4 * (visible_keys(seq_len, window=a.window) + visible_keys(seq_len, ratio=a.hca_ratio)),
   }
   if attention_type not in counts:
-    raise KeyError(f"no FLOP count for attention type {attention_type!r}; known: {', '.join(counts)}")
+    raise KeyError(f"no FLOP count for attention type {attention_type!r} (counted: {', '.join(counts)}); add "
+                   "its count to moejax/flops.py:attention_flops")
   return counts[attention_type]()
 
 

@@ -151,14 +151,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, devices=None, experiment
   return state
 
 
-def throughput(cfg: ml_collections.ConfigDict, num_devices: int) -> Throughput:
-  """MFU accounting of a run: ``train.peak_flops`` or the device kind's bf16 peak (None on CPU: unknown)."""
+def throughput(cfg: ml_collections.ConfigDict, num_devices: int) -> Throughput | None:
+  """MFU accounting of a run: ``train.peak_flops`` or the device kind's bf16 peak (None on CPU: unknown).
+
+  None (nothing logged) for a model with a layer type moejax has no FLOP count for."""
+  try:
+    per_token = flops.model_flops(cfg.model, cfg.data.seq_len).train
+  except KeyError as err:
+    log.warning("MFU and model TFLOP/s are not logged: %s", err.args[0])
+    return None
   kind = jax.devices()[0].device_kind
   peak = cfg.train.peak_flops or flops.peak_flops(kind)
   if not peak:
     log.info("MFU: unknown on %s (no peak FLOP/s for it; set --config.train.peak_flops=FLOP/s per device); "
              "model_tflops_per_s is logged", kind)
-  return Throughput(flops.model_flops(cfg.model, cfg.data.seq_len).train, num_devices, peak or None)
+  return Throughput(per_token, num_devices, peak or None)
 
 
 def _handle_nonfinite(exp: Experiment, ckpt: Checkpointer, state: TrainState, step: int, metrics,

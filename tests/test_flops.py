@@ -136,3 +136,18 @@ def test_cpu_has_no_peak_so_no_mfu():
 
   assert flops.peak_flops(jax.devices()[0].device_kind) is None
   assert Throughput(6e6, 1, None).metrics(1000.0) == {"model_tflops_per_s": 6e9 / 1e12}
+
+
+def test_a_model_without_a_flop_count_logs_no_mfu_instead_of_failing(caplog, monkeypatch):
+  """A user's layer type moejax has no count for: the run trains and logs no MFU (tests/test_extending.py)."""
+  from moejax import train as train_lib
+  from tests.test_train import small_train_cfg
+
+  cfg = small_train_cfg()
+  assert train_lib.throughput(cfg, 1).train_flops_per_token == flops.model_flops(cfg.model, cfg.data.seq_len).train
+  with pytest.raises(KeyError, match="no FLOP count for attention type 'not_counted'"):
+    flops.attention_flops(cfg.model, "not_counted", T)
+  monkeypatch.setattr(train_lib.flops, "attention_flops",
+                      lambda m, t, n: flops.attention_flops(m, "not_counted", n))
+  assert train_lib.throughput(cfg, 1) is None
+  assert "MFU and model TFLOP/s are not logged" in caplog.text

@@ -6,9 +6,9 @@ from moejax.config import ConfigError, base_config, load_config
 from moejax.validation import validate
 
 
-def _cfg(**fields):
-  """base_config() with fields given as ``section__name`` (or ``section__sub__name``)."""
-  cfg = base_config()
+def set_fields(cfg, **fields):
+  """``cfg`` with fields given as ``section__name`` (or ``section__sub__name``) set as is (no coercion,
+  so ill-typed values reach validation)."""
   for dotted, value in fields.items():
     *path, name = dotted.split("__")
     node = cfg
@@ -16,6 +16,11 @@ def _cfg(**fields):
       node = node[key]
     node[name] = value
   return cfg
+
+
+def _cfg(**fields):
+  """base_config() with ``set_fields``."""
+  return set_fields(base_config(), **fields)
 
 
 @pytest.mark.parametrize("fields,num_devices,message", [

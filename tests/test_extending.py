@@ -22,6 +22,7 @@ from moejax.layers.state import STATE_UPDATES
 from moejax.optim import OPTIMIZERS, build_optimizer
 from moejax.train import Experiment, load_checkpoint, train
 from moejax.validation import validate
+from tests.test_config import set_fields
 from tests.test_train import small_train_cfg
 
 
@@ -75,14 +76,7 @@ def isolated_registries(monkeypatch):
 
 
 def _load(name: str, **fields):
-  cfg = load_config(str(EXTEND / name))
-  for dotted, value in fields.items():
-    *path, leaf = dotted.split("__")
-    node = cfg
-    for key in path:
-      node = node[key]
-    node[leaf] = value
-  return cfg
+  return set_fields(load_config(str(EXTEND / name)), **fields)
 
 
 def _softcap_reference(x, w_q, w_k, w_v, w_o, segment_ids, cap):

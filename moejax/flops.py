@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from moejax.config import expand_schedule
 from moejax.models import build_model
 
 # bf16 dense peak FLOP/s per chip / GPU (vendor datasheets; sparsity not counted).
@@ -111,11 +112,6 @@ def attention_flops(model_cfg, attention_type: str, seq_len: int) -> float:
   return counts[attention_type]()
 
 
-def _schedule(entries, num_layers: int) -> tuple[str, ...]:
-  entries = (entries,) if isinstance(entries, str) else tuple(entries)
-  return entries * num_layers if len(entries) == 1 else entries
-
-
 def model_flops(model_cfg, seq_len: int) -> Flops:
   """:class:`Flops` of ``model_cfg`` (the ``model`` section) for rows of ``seq_len`` tokens."""
   model = build_model(model_cfg)
@@ -130,10 +126,10 @@ def model_flops(model_cfg, seq_len: int) -> Flops:
     share = expert_share if names[-1] in _EXPERT_WEIGHTS and names[-2] == "mlp" and leaf.ndim == 3 else 1.0
     per_module[names[0]] = per_module.get(names[0], 0.0) + 2.0 * float(np.prod(leaf.shape)) * share
 
-  attention_types = _schedule(model_cfg.attention_types, model_cfg.num_layers)
-  mlp_types = _schedule(model_cfg.mlp_types, model_cfg.num_layers)
+  attention_types = expand_schedule(model_cfg.attention_types, model_cfg.num_layers)
+  mlp_types = expand_schedule(model_cfg.mlp_types, model_cfg.num_layers)
   by_layer, attention = {}, 0.0
-  remat = _schedule(model_cfg.remat, model_cfg.num_layers)
+  remat = expand_schedule(model_cfg.remat, model_cfg.num_layers)
   recomputed = 0.0
   for i, (att, mlp) in enumerate(zip(attention_types, mlp_types)):
     flops = per_module.pop(f"layer_{i}", 0.0) + attention_flops(model_cfg, att, seq_len)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -51,6 +52,41 @@ class _DropUnretrievedFutures(logging.Filter):
 
 _ASYNCIO_FILTER = _DropUnretrievedFutures()
 logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
+
+
+def _late_read_of_failed_restore(unraisable) -> bool:
+  """True for a TensorStore read that finished after its Orbax restore had failed.
+
+  Orbax runs a restore on a fresh event loop and closes it when the first read
+  fails; reads still in flight then complete, call ``loop.call_soon_threadsafe``
+  on the closed loop, and TensorStore reports the ``RuntimeError('Event loop is
+  closed')`` through ``sys.unraisablehook`` (one traceback per read, printed at
+  whatever moment they finish). The restore's own error has already been
+  reported (``restore_latest``); these carry nothing more.
+  """
+  exc, tb = unraisable.exc_value, unraisable.exc_traceback
+  if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    return False
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _install_unraisable_filter() -> None:
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _late_read_of_failed_restore(unraisable):
+      previous(unraisable)
+
+  hook.moejax_late_reads = True
+  if not getattr(previous, "moejax_late_reads", False):
+    sys.unraisablehook = hook
+
+
+_install_unraisable_filter()
 
 
 def describe_error(err: BaseException, limit: int = 300) -> str:

@@ -4,6 +4,14 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests build the same tiny models many times (fresh Experiments, CLI subprocesses, both
+# xdist workers): a persistent compilation cache, shared through the environment,
+# compiles each program once per checkout. A cached executable is the one XLA would
+# build again, so results do not change; set JAX_COMPILATION_CACHE_DIR to move it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # bytes; least recently used go first
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

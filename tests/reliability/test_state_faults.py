@@ -223,3 +223,25 @@ def test_checkpoint_of_another_structure_is_an_error_and_is_kept(tmp_path, devic
     Checkpointer(str(tmp_path), keep=1).restore_latest(Experiment(cfg, devices[:1]).abstract_state)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
   assert not (tmp_path / "checkpoints_set_aside").exists()
+
+
+def test_only_late_reads_on_a_closed_loop_are_dropped_from_unraisable_reports():
+  """A read that completes after its failed restore closed Orbax's loop is dropped;
+  any other unraisable exception still reaches the previous hook."""
+  import asyncio
+  import sys
+  import types
+
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as err:
+    late = types.SimpleNamespace(exc_value=err, exc_traceback=err.__traceback__)
+  try:
+    raise RuntimeError("Event loop is closed")
+  except RuntimeError as err:
+    elsewhere = types.SimpleNamespace(exc_value=err, exc_traceback=err.__traceback__)
+  assert checkpoint._late_read_of_failed_restore(late)
+  assert not checkpoint._late_read_of_failed_restore(elsewhere)
+  assert getattr(sys.unraisablehook, "moejax_late_reads", False)

@@ -46,7 +46,9 @@ import numpy as np
 from moejax.benchmarking import RESULTS_DIR, Results, summary
 from moejax.config import base_config
 from moejax.flops import mfu, model_flops, peak_flops
-from moejax.layers.moe_dispatch import BACKENDS, resolve_backend
+from moejax.layers.attention import ATTENTION
+from moejax.layers.attention.options import attention_kernel
+from moejax.layers.moe_dispatch import BACKENDS, available, resolve_backend
 
 V4_SCHEDULE = ("hca", "hca") + ("csa", "hca") * 5
 
@@ -103,10 +105,9 @@ def case_config(name: str, smoke: bool):
 
 
 def backends_used(cfg, platform: str) -> str:
-  """The MoE dispatch backend and attention kernel the config resolves to on ``platform``."""
-  attn = cfg.model.attention
-  kernel = attn.implementation if attn.implementation != "auto" else (
-      "xla" if cfg.data.seq_len <= attn.xla_max_len else "chunked")
+  """The MoE dispatch backend and attention kernel(s) the config resolves to on ``platform``."""
+  kernel = "/".join(sorted({attention_kernel(cfg.model, cfg.data.seq_len, ATTENTION.capability(t, "library_kernels"),
+                                             platform) for t in cfg.model.attention_types}))
   mlp = set(cfg.model.mlp_types)
   moe = resolve_backend(cfg.model.moe.backend, cfg.model.moe.dispatch == "dropless", False, platform) \
       if mlp & {"moe", "hash_moe"} else "-"
@@ -148,7 +149,8 @@ def run_case(name: str, smoke: bool, steps: int) -> dict:
 
 
 def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
-  """Every MoE dispatch backend on one layer, fwd + bwd, interleaved rounds (``benchmarks/moe_layer.py``)."""
+  """Every MoE dispatch backend that can run here (its optional package installed) on one layer, fwd + bwd,
+  interleaved rounds (``benchmarks/moe_layer.py``)."""
   import jax.numpy as jnp
   import ml_collections
   # benchmarks/ is on sys.path when this file runs as a script
@@ -164,6 +166,9 @@ def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
   steps_fns = {}
   for backend in BACKENDS.names():
     spec = BACKENDS.get(backend)
+    if not available(backend):
+      print(f"  MoE layer backend {backend}: skipped, {spec.requires} is not installed (pip install -e '.[kernels]')")
+      continue
     dispatch = "dropless" if spec.dropless else "capacity"
     layer_cfg = cfg.copy_and_resolve_references()
     layer_cfg.moe.update(backend=backend, dispatch=dispatch)

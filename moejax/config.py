@@ -30,7 +30,7 @@ NONFINITE_POLICIES = ("skip", "stop", "rollback")
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
 DISPATCH_MODES = ("dropless", "capacity")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "tokamax")
 INDEXER_STAGES = ("warmup", "sparse", "off")
 ROPE_LAYOUTS = ("half", "interleave")
 # Path patterns (``re.search`` on "layer_0/mlp/router/w_gate") Muon sends to AdamW:
@@ -202,9 +202,11 @@ def attention_config() -> ml_collections.ConfigDict:
   """``model.attention``: options of the attention types (docs/attention.md)."""
   return ml_collections.ConfigDict(dict(
       # Kernel of the dense-type paths (dense, sliding, mla, swa): "xla" is
-      # jax.nn.dot_product_attention with a [T, T] mask (cuDNN/XLA fused), "chunked"
-      # the flash-style kernel (O(T * chunk_size) memory), "auto" xla up to xla_max_len.
-      implementation="auto",     # auto | xla | chunked
+      # jax.nn.dot_product_attention with a [T, T] mask, "chunked" the flash-style kernel
+      # (O(T * chunk_size) memory); dense/sliding only: "cudnn" (GPU, bf16/fp16, no sinks),
+      # "tokamax" (the kernels extra, no sinks). "auto": chunked above xla_max_len, else
+      # cudnn on a GPU where it applies, else xla (docs/attention.md#kernels).
+      implementation="auto",     # auto | xla | chunked | cudnn | tokamax
       xla_max_len=2048,
       chunk_size=512,            # block of the chunked kernel and query chunk of sparse types
       window=128,                # sliding window (sliding, swa, csa, hca): t sees s iff t - window < s <= t

@@ -1,4 +1,4 @@
-"""Optional test dependencies (the transformers/torch oracles, tokenizers, sentencepiece).
+"""Optional test dependencies (the transformers/torch oracles, tokenizers, sentencepiece, tokamax).
 
 ``require("torch")`` replaces ``pytest.importorskip("torch")``: where the module
 is missing it skips the test (or the module, when called at import time) on a
@@ -18,12 +18,15 @@ def in_ci() -> bool:
   return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def require(name: str):
-  """The imported module ``name``; a skip when it is missing, a failure when it is missing under CI=true."""
+def require(name: str, extra: str = "interop"):
+  """The imported module ``name``; a skip when it is missing, a failure when it is missing under CI=true.
+
+  ``extra`` names the pyproject extra that installs it (for the message).
+  """
   try:
     return importlib.import_module(name)
   except ImportError as e:
-    message = f"{name} is not importable ({e}); install the interop extra: pip install -e '.[dev,interop]'"
+    message = f"{name} is not importable ({e}); install the {extra} extra: pip install -e '.[dev,{extra}]'"
     if in_ci():
       pytest.fail(f"CI=true: an oracle test cannot be skipped: {message}", pytrace=False)
     pytest.skip(message, allow_module_level=True)

@@ -75,11 +75,31 @@ def _cfg(**fields):
      "model.attention.yarn: beta_fast=32.0 must exceed beta_slow=64.0"),
     ({"model__attention_types": ("dsa",), "model__attention__q_lora_rank": 8, "model__attention__index_head_dim": 8,
       "model__attention__qk_rope_head_dim": 16}, 1, "model.attention.index_head_dim=8 is smaller than the 16 rope"),
+    ({"model__attention__implementation": "cudnn", "model__dtype": "float32"}, 1,
+     "model.attention.implementation='cudnn' needs model.dtype bfloat16 or float16 (got 'float32')"),
+    ({"model__attention__implementation": "cudnn", "model__dtype": "bfloat16", "model__attention__sinks": True}, 1,
+     "model.attention.implementation='cudnn' has no attention sinks"),
+    ({"model__attention__implementation": "tokamax", "model__attention__sinks": True}, 1,
+     "tokamax.dot_product_attention has no attention sinks (model.attention.sinks=True); set sinks=False"),
+    ({"model__attention__implementation": "tokamax", "model__attention_types": ("dense", "mla")}, 1,
+     "model.attention.implementation='tokamax' runs only on ['dense', 'sliding'] layers; the schedule also has "
+     "['mla']"),
 ])
 def test_invalid_configs_name_the_field_and_fix(fields, num_devices, message):
   with pytest.raises(ConfigError) as err:
     validate(_cfg(**fields), num_devices=num_devices)
   assert message in str(err.value)
+
+
+def test_library_kernels_that_are_not_installed_are_named_with_the_extra(monkeypatch):
+  from moejax.layers import library_kernels
+  monkeypatch.setattr(library_kernels, "installed", lambda name: False)
+  with pytest.raises(ConfigError) as err:
+    validate(_cfg(model__attention__implementation="tokamax", model__mlp_types=("moe",), model__moe__backend="tokamax"),
+             num_devices=1)
+  assert "model.attention.implementation='tokamax' needs the tokamax package" in str(err.value)
+  assert "model.moe.backend='tokamax' needs the 'tokamax' package" in str(err.value)
+  assert str(err.value).count("pip install -e '.[kernels]'") == 2
 
 
 def test_all_problems_are_reported_at_once():

@@ -27,7 +27,10 @@ Backends (``BACKENDS``; ``auto`` picks per platform, see ``resolve_backend``):
   ``all_to_all``.
 * ``ragged_dot``: sort, ``jax.lax.ragged_dot`` per projection, unsort;
   dropless, no padding. Native on TPU; dense-materialized on GPU (jax 0.10)
-  and tens of times a dense matmul on CPU, so it is the default only on TPU.
+  and tens of times a dense matmul on CPU.
+* ``tokamax``: the same sort/unsort plan with ``tokamax.ragged_dot`` (the
+  optional ``kernels`` extra: Pallas grouped GEMMs, Mosaic on TPU and
+  Hopper/Blackwell GPUs, Triton on other GPUs, ``jax.lax.ragged_dot`` on CPU).
 * ``onehot``: the GShard formulation with ``[N, E, C]`` one-hot
   dispatch/combine tensors; capacity mode only; kept as the naive baseline.
 
@@ -49,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moejax.layers import library_kernels
 from moejax.layers.mlp import swiglu
 from moejax.registry import Registry
 from moejax.sharding import BATCH_AXES  # mesh axes that split the batch
@@ -79,12 +83,13 @@ class DispatchSpec:
 
 
 class Backend(NamedTuple):
-  """A grouped-matmul backend and the modes it supports."""
+  """A grouped-matmul backend, the modes it supports and the module it needs."""
 
   fn: Callable  # (x_NxD, expert_AxN, weight_AxN, ExpertWeights, DispatchSpec, ep_size) -> (y_NxD, dropped)
   dropless: bool
   capacity: bool
   expert_parallel: bool
+  requires: str = ""  # an optional package the backend imports ("" = none)
 
 
 BACKENDS = Registry("moe backend")
@@ -102,13 +107,26 @@ def dropless_capacities(num_tokens: int, top_k: int, num_experts: int) -> tuple[
   return tuple(sorted(caps | {num_tokens}))
 
 
+def available(name: str) -> bool:
+  """Whether backend ``name`` can run here (its optional package is installed)."""
+  requires = BACKENDS.get(name).requires
+  return not requires or library_kernels.installed(requires)
+
+
 def resolve_backend(name: str, dropless: bool, expert_parallel: bool, platform: str | None = None) -> str:
-  """``auto`` -> ``ragged_dot`` on TPU (dropless, no expert parallelism),
-  else ``einsum`` (measured on CPU; on GPU jax 0.10 lowers ragged_dot densely)."""
+  """``auto`` -> a grouped GEMM on TPU and GPU when dropless without expert
+  parallelism: ``tokamax`` where installed, else ``ragged_dot`` on TPU; in
+  every other case ``einsum``. Measured only on CPU (einsum fastest there);
+  the accelerator choices follow the kernels' design and are unmeasured
+  (``benchmarks/accelerator.py`` times every backend on one layer)."""
   if name != "auto":
     return name
   platform = platform or jax.default_backend()
-  return "ragged_dot" if platform == "tpu" and dropless and not expert_parallel else "einsum"
+  if not dropless or expert_parallel or platform not in ("tpu", "gpu"):
+    return "einsum"
+  if available("tokamax"):
+    return "tokamax"
+  return "ragged_dot" if platform == "tpu" else "einsum"
 
 
 # ----------------------------------------------------------------------------- plan
@@ -278,22 +296,32 @@ def _einsum_dispatch(x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: Disp
 BACKENDS.register("einsum")(Backend(_einsum_dispatch, dropless=True, capacity=True, expert_parallel=True))
 
 
-# ----------------------------------------------------------------------------- ragged_dot
+# ----------------------------------------------------------------------------- ragged_dot, tokamax
 
-def _ragged_dot_dispatch(x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
+def _grouped_dispatch(ragged_dot: Callable, x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec,
+                      ep_size: int):
+  """Sort assignments by expert, ``ragged_dot(x_MxD, w_ExDxF, counts_E)`` per
+  projection, unsort; dropless, no padding."""
   del ep_size
   k, n = expert_AxN.shape
   plan = make_plan(expert_AxN, spec.num_experts)
   x_MxD = x_NxD[plan.order_M % n]  # sorted by expert; empty slots sort last, outside every group
-  gate_MxF = jax.lax.ragged_dot(x_MxD, w.gate_ExDxF, plan.counts_E)
-  up_MxF = jax.lax.ragged_dot(x_MxD, w.up_ExDxF, plan.counts_E)
-  y_sorted = jax.lax.ragged_dot(swiglu(gate_MxF, up_MxF, spec.swiglu_limit), w.down_ExFxD, plan.counts_E)
+  gate_MxF = ragged_dot(x_MxD, w.gate_ExDxF, plan.counts_E)
+  up_MxF = ragged_dot(x_MxD, w.up_ExDxF, plan.counts_E)
+  y_sorted = ragged_dot(swiglu(gate_MxF, up_MxF, spec.swiglu_limit), w.down_ExFxD, plan.counts_E)
   inverse_M = plan.starts_E[jnp.minimum(plan.expert_M, spec.num_experts - 1)] + plan.rank_M
   y_M = jnp.where((plan.expert_M < spec.num_experts)[:, None], y_sorted[inverse_M], 0)
   return _combine(y_M.reshape(k, n, -1), weight_AxN), jnp.zeros((), jnp.int32)
 
 
-BACKENDS.register("ragged_dot")(Backend(_ragged_dot_dispatch, dropless=True, capacity=False, expert_parallel=False))
+def _tokamax_ragged_dot(x_MxD, w_ExDxF, counts_E):
+  return library_kernels.tokamax().ragged_dot(x_MxD, w_ExDxF, counts_E)
+
+
+BACKENDS.register("ragged_dot")(Backend(functools.partial(_grouped_dispatch, jax.lax.ragged_dot), dropless=True,
+                                        capacity=False, expert_parallel=False))
+BACKENDS.register("tokamax")(Backend(functools.partial(_grouped_dispatch, _tokamax_ragged_dot), dropless=True,
+                                     capacity=False, expert_parallel=False, requires="tokamax"))
 
 
 # ----------------------------------------------------------------------------- onehot

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ml_collections
 
 from moejax.config import ATTENTION_IMPLEMENTATIONS, INDEXER_STAGES, ROPE_LAYOUTS
+from moejax.layers import library_kernels
+from moejax.layers.attention.options import LIBRARY_KERNELS, cudnn_problems
 from moejax.layers.attention.registry import ATTENTION
 
 
@@ -77,8 +79,27 @@ def validate_attention(cfg: ml_collections.ConfigDict, types: set[str]) -> list[
     _need(e, a.indexer_loss_weight >= 0, f"{w}.indexer_loss_weight={a.indexer_loss_weight} must be >= 0.")
     _need(e, a.indexer_recall_queries >= 0,
           f"{w}.indexer_recall_queries={a.indexer_recall_queries} must be >= 0 (0: no recall metric).")
+  if a.implementation in LIBRARY_KERNELS:
+    e.extend(_library_kernel(m, types))
   for check in ATTENTION.checks(types):
     e.extend(check(cfg))
+  return e
+
+
+def _library_kernel(m: ml_collections.ConfigDict, types: set[str]) -> list[str]:
+  """Errors of ``implementation`` = cudnn / tokamax: the types in use, the library, the options."""
+  e: list[str] = []
+  field = f"model.attention.implementation={m.attention.implementation!r}"
+  runs = set(ATTENTION.having(types, "library_kernels"))
+  _need(e, types <= runs, f"{field} runs only on {ATTENTION.having(ATTENTION.names(), 'library_kernels')} layers; "
+        f"the schedule also has {sorted(types - runs)}; use implementation='auto', 'xla' or 'chunked'.")
+  if m.attention.implementation == "cudnn":
+    e.extend(cudnn_problems(m) if m.num_heads >= 1 else [])  # platform and T: checked when the layer runs
+  else:
+    _need(e, library_kernels.installed("tokamax"), f"{field} needs the tokamax package, which is not installed; "
+          "pip install -e '.[kernels]', or use implementation='auto'.")
+    _need(e, not m.attention.sinks, f"{field}: tokamax.dot_product_attention has no attention sinks "
+          "(model.attention.sinks=True); set sinks=False or implementation='xla' / 'chunked'.")
   return e
 
 

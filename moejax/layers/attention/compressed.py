@@ -268,7 +268,7 @@ class V4Attention(nn.Module):
     if entries is None or entries.kv_BxZxDh.shape[1] == 0:
       out, max_logit = context_parallel.causal_attention(
           q_BxTxHxDh, kv_BxTx1xDh, kv_BxTx1xDh, segment_ids_BxT, sinks_H=self.sinks_H,
-          use_xla=options.use_xla_kernel(self.cfg, x_BxTxD.shape[1]), track_max_logit=a.track_max_logit, **kw)
+          kernel=options.attention_kernel(self.cfg, x_BxTxD.shape[1]), track_max_logit=a.track_max_logit, **kw)
     else:
       window = context_parallel.flash_attention(q_BxTxHxDh, kv_BxTx1xDh, kv_BxTx1xDh, segment_ids_BxT, **kw)
       q_idx_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), segment_ids_BxT.shape)

@@ -234,11 +234,11 @@ def flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scal
 
 
 def causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scale: float, window: int = 0,
-                     sinks_H=None, use_xla: bool = False, block: int = 512, track_max_logit: bool = False):
-  """``core.causal_attention`` over a ``context``-sharded sequence (the XLA kernel is single-device only)."""
+                     sinks_H=None, kernel: str = "chunked", block: int = 512, track_max_logit: bool = False):
+  """``core.causal_attention`` over a ``context``-sharded sequence (the fused kernels are single-device only)."""
   if context_size(q_BxTxHxDh.shape[1]) == 1:
     return core.causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, scale=scale, window=window,
-                                 sinks_H=sinks_H, use_xla=use_xla, block=block, track_max_logit=track_max_logit)
+                                 sinks_H=sinks_H, kernel=kernel, block=block, track_max_logit=track_max_logit)
   out, lse, max_logit = flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, scale=scale,
                                         window=window, block=block)
   if sinks_H is not None:

@@ -14,8 +14,9 @@ gpt-oss / DeepSeek-V4):
   al., 2022) with a hand-written backward (``jax.custom_vjp``): fwd + bwd
   memory is O(T·block), never [T, T]; key blocks outside the causal band (or
   the sliding window) are skipped, so sliding attention costs O(T·(w+block)).
-* :func:`xla_attention` — ``jax.nn.dot_product_attention`` with an explicit
-  [T, T] mask, so XLA/cuDNN pick a fused kernel; for short T.
+* :func:`xla_attention` — one fused call with an explicit [T, T] mask, for
+  short T: ``jax.nn.dot_product_attention`` through XLA or cuDNN, or
+  ``tokamax.dot_product_attention`` (:data:`FUSED`).
 * :func:`masked_attention` — softmax over an explicit, per-query key set
   (compressed entries, top-k selections), one query chunk at a time
   (:func:`map_query_chunks`: ``lax.scan`` with per-chunk rematerialisation).
@@ -30,6 +31,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from moejax.layers import library_kernels
 
 NEG = -1e30  # finite "-inf" for masked logits: exp underflows to 0, max/where stay NaN-free
 SCORE_BUDGET = 1 << 24  # float32 score elements one query chunk may hold (64 MiB)
@@ -200,13 +203,28 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- xla / explicit
 
 
+def _tokamax_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, *, bias, mask, scale):
+  return library_kernels.tokamax().dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, bias=bias, mask=mask,
+                                                         scale=scale, is_causal=True)
+
+
+# The fused kernels of ``xla_attention``: ``(q, k, v, *, bias, mask, scale) -> out``. The mask is
+# causal already; ``is_causal`` lets cuDNN and tokamax skip the blocks above the diagonal.
+FUSED = {
+    "xla": jax.nn.dot_product_attention,
+    "cudnn": functools.partial(jax.nn.dot_product_attention, implementation="cudnn", is_causal=True),
+    "tokamax": _tokamax_attention,
+}
+
+
 def xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scale: float, window: int = 0,
-                  sinks_H=None, track_max_logit: bool = False):
-  """``jax.nn.dot_product_attention`` with an explicit [B, 1, T, T] mask (short T).
+                  sinks_H=None, track_max_logit: bool = False, kernel: str = "xla"):
+  """One fused attention call (``FUSED[kernel]``) with an explicit [B, 1, T, T] mask (short T).
 
   Sinks enter as one extra key with zero k and v whose logit is the sink (a
-  [1, H, 1, T+1] bias). Returns ``(out_BxTxHxDv, max_logit_H or None)``; the max
-  logit, when asked for, is computed from explicit [B, H, T, T] scores.
+  [1, H, 1, T+1] bias; ``xla`` only). Returns ``(out_BxTxHxDv, max_logit_H or
+  None)``; the max logit, when asked for, is computed from explicit
+  [B, H, T, T] scores.
   """
   b, t, h, d = q_BxTxHxDh.shape
   e = v_BxTxKxDv.shape[-1]
@@ -222,7 +240,7 @@ def xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scale:
     mask = jnp.pad(mask, [(0, 0), (0, 0), (0, 0), (0, 1)], constant_values=True)
     bias = jnp.zeros((1, h, 1, t + 1), jnp.float32).at[0, :, 0, t].set(sinks_H.astype(jnp.float32))
     bias = bias.astype(q_BxTxHxDh.dtype)
-  out = jax.nn.dot_product_attention(q_BxTxHxDh, k, v, bias=bias, mask=mask, scale=scale)[..., :e]
+  out = FUSED[kernel](q_BxTxHxDh, k, v, bias=bias, mask=mask, scale=scale)[..., :e]
   max_logit = None
   if track_max_logit:
     kv = k_BxTxKxDh.shape[2]
@@ -273,15 +291,16 @@ def merge(partials, sinks_H=None):
 
 
 def causal_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, *, scale: float, window: int = 0,
-                     sinks_H=None, use_xla: bool = False, block: int = 512, track_max_logit: bool = False):
+                     sinks_H=None, kernel: str = "chunked", block: int = 512, track_max_logit: bool = False):
   """Causal (optionally windowed) self-attention with optional sinks.
 
-  Returns ``(out_BxTxHxDv, max_logit_H or None)``; ``use_xla`` picks
-  :func:`xla_attention`, else :func:`flash_attention`.
+  Returns ``(out_BxTxHxDv, max_logit_H or None)``; ``kernel`` (see
+  ``options.attention_kernel``) ``chunked`` runs :func:`flash_attention`, the
+  others :func:`xla_attention` with that fused kernel.
   """
-  if use_xla:
+  if kernel != "chunked":
     return xla_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, scale=scale, window=window,
-                         sinks_H=sinks_H, track_max_logit=track_max_logit)
+                         sinks_H=sinks_H, track_max_logit=track_max_logit, kernel=kernel)
   out, lse, max_logit = flash_attention(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDv, segment_ids_BxT, scale=scale,
                                         window=window, block=block)
   if sinks_H is not None:

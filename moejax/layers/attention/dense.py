@@ -6,9 +6,10 @@ groups of G = H // K query heads, RoPE on q and k (partial with
 ``attention.rope_layout``; YaRN with ``attention.yarn``), optional per-head
 QK RMSNorm (``attention.qk_norm``, Qwen3) and per-head attention sinks
 (``attention.sinks``), and a causal, document-aware mask from
-``segment_ids``. The kernel is ``jax.nn.dot_product_attention`` at short T
-(XLA or cuDNN pick the fused implementation) and the flash-style chunked
-kernel of ``core.py`` at long T (``attention.implementation``).
+``segment_ids``. The kernel (``attention.implementation``,
+``options.attention_kernel``) is one fused call with a [T, T] mask at short T
+(``jax.nn.dot_product_attention`` through XLA or cuDNN, or tokamax's) and the
+flash-style chunked kernel of ``core.py`` at long T.
 
 Parameters: ``w_q [D, H, Dh]``, ``w_k``/``w_v [D, K, Dh]``, ``w_o [H, Dh, D]``
 (HF ``q_proj``/``k_proj``/``v_proj``/``o_proj`` weights transposed and split
@@ -33,6 +34,7 @@ class DenseAttention(nn.Module):
 
   rope_dim: ClassVar[bool] = True
   qk_norm: ClassVar[bool] = True
+  library_kernels: ClassVar[bool] = True
   qk_clip_params: ClassVar[tuple[str, str]] = ("w_q", "w_k")
 
   cfg: ml_collections.FrozenConfigDict
@@ -77,8 +79,8 @@ class DenseAttention(nn.Module):
     scale = q_BxTxHxDh.shape[-1] ** -0.5 * self.rope.softmax_scale
     out_BxTxHxDh, max_logit_H = context_parallel.causal_attention(
         q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, scale=scale, window=self.window(),
-        sinks_H=self.sinks_H, use_xla=options.use_xla_kernel(self.cfg, x_BxTxD.shape[1]), block=a.chunk_size,
-        track_max_logit=a.track_max_logit)
+        sinks_H=self.sinks_H, kernel=options.attention_kernel(self.cfg, x_BxTxD.shape[1], self.library_kernels),
+        block=a.chunk_size, track_max_logit=a.track_max_logit)
     core.sow_max_logit(self, max_logit_H, a.track_max_logit)
     return jnp.einsum("BTHK,HKD->BTD", out_BxTxHxDh, self.w_o)
 

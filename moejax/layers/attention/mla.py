@@ -122,7 +122,7 @@ class MLAttention(nn.Module):
     """Causal attention over all previous keys: (out_BxTxHxDv, max_logit_H)."""
     a = self.cfg.attention
     kw = dict(scale=self.scale, sinks_H=self.sinks_H, block=a.chunk_size, track_max_logit=a.track_max_logit,
-              use_xla=options.use_xla_kernel(self.cfg, segment_ids_BxT.shape[1]))
+              kernel=options.attention_kernel(self.cfg, segment_ids_BxT.shape[1]))
     if not absorbed:
       q, k, v = self.expand(p)
       return context_parallel.causal_attention(q, k, v, segment_ids_BxT, **kw)

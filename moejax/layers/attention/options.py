@@ -6,6 +6,7 @@ Kept in one place so every type resolves a config field the same way.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from moejax.layers import DTYPES
@@ -30,10 +31,60 @@ def compress_rope(cfg, dim: int = 0, part: str = "trailing") -> Rope:
               yarn=Yarn.from_config(a.compress_yarn))
 
 
-def use_xla_kernel(cfg, seq_len: int) -> bool:
-  """Whether dense-type attention runs through ``jax.nn.dot_product_attention``."""
+LIBRARY_KERNELS = ("cudnn", "tokamax")  # implementations only types with ``library_kernels`` run
+
+
+def cudnn_problems(cfg, seq_len: int | None = None, platform: str | None = None, max_head: int = 256) -> list[str]:
+  """Why ``implementation="cudnn"`` cannot run this config (empty: it can).
+
+  cuDNN's fused attention through ``jax.nn.dot_product_attention`` needs a GPU,
+  bf16/fp16 inputs, a head dim that is a multiple of 8 and at most 256 (128
+  before Hopper), and, with a mask (moejax always passes one), an even T in
+  training; sinks would add an odd extra key, so they are not offered.
+  """
+  field = "model.attention.implementation='cudnn'"
+  problems = []
+  if platform is not None and platform != "gpu":
+    problems.append(f"{field} needs a GPU (this platform: {platform}); use implementation='auto', 'xla' or "
+                    "'chunked'.")
+  if cfg.dtype not in ("bfloat16", "float16"):
+    problems.append(f"{field} needs model.dtype bfloat16 or float16 (got {cfg.dtype!r}); set "
+                    "model.dtype='bfloat16' or implementation='xla'.")
+  head = head_dim(cfg)
+  if head % 8 or head > max_head:
+    problems.append(f"{field} needs a head dim that is a multiple of 8 and at most {max_head} (got {head}); use "
+                    "implementation='xla' or 'chunked'.")
+  if cfg.attention.sinks:
+    problems.append(f"{field} has no attention sinks (model.attention.sinks=True); set sinks=False or "
+                    "implementation='xla' / 'chunked'.")
+  if seq_len is not None and seq_len % 2:
+    problems.append(f"{field} needs an even sequence length with a mask (got T={seq_len}); use an even "
+                    "data.seq_len or implementation='xla'.")
+  return problems
+
+
+def attention_kernel(cfg, seq_len: int, library: bool = False, platform: str | None = None) -> str:
+  """The kernel of a dense-type core: ``xla``, ``chunked``, ``cudnn`` or ``tokamax``.
+
+  ``auto``: ``chunked`` above ``xla_max_len`` tokens; else ``cudnn`` on a GPU
+  for types with ``library`` kernels when it applies (head dim <= 128, so
+  any cuDNN-capable GPU runs it); else ``xla``. An explicit ``cudnn`` that
+  cannot run here raises a ``ValueError`` naming the field and the fix.
+  """
   impl = cfg.attention.implementation
-  return impl == "xla" or (impl == "auto" and seq_len <= cfg.attention.xla_max_len)
+  platform = platform or jax.default_backend()
+  if impl in LIBRARY_KERNELS and not library:
+    raise ValueError(f"model.attention.implementation={impl!r} runs only on types with library kernels (dense, "
+                     "sliding); use 'auto', 'xla' or 'chunked'.")
+  if impl == "cudnn" and (problems := cudnn_problems(cfg, seq_len, platform)):
+    raise ValueError(" ".join(problems))
+  if impl != "auto":
+    return impl
+  if seq_len > cfg.attention.xla_max_len:
+    return "chunked"
+  if library and not cudnn_problems(cfg, seq_len, platform, max_head=128):
+    return "cudnn"
+  return "xla"
 
 
 def dtypes(cfg):

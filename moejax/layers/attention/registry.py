@@ -17,6 +17,8 @@ QK-clip read those declarations, never type names:
   latent_kv       reads the MLA fields (kv_lora_rank, qk_*_head_dim, v_head_dim)
   grouped_output  reads o_groups / o_lora_rank (grouped low-rank output)
   indexed         reads the lightning-indexer fields (index_*, indexer_*)
+  library_kernels runs ``attention.implementation`` = cudnn / tokamax (its
+                  core is plain causal GQA attention over one [T, T] mask)
   validate_config ``(cfg) -> list[str]``: checks of the type's own fields
 
 ``moejax/layers/attention/checks.py`` holds the checks shared by all types.
@@ -28,4 +30,4 @@ from moejax.registry import Registry
 
 ATTENTION = Registry("attention type", capabilities=dict(
     windowed=False, rope_dim=False, qk_norm=False, qk_clip_params=None, needs_q_lora=False, latent_kv=False,
-    grouped_output=False, indexed=False))
+    grouped_output=False, indexed=False, library_kernels=False))

@@ -68,10 +68,12 @@ def _moe(c, smoke: bool, experts: int):
 
 
 def _v4(c, smoke: bool, long: bool):
-  layers = 4 if smoke else 12
+  # The smoke keeps one layer of each kind (HCA with the hash-routed MoE, then CSA with the learned router).
+  schedule = V4_SCHEDULE[1:3] if smoke else V4_SCHEDULE
+  layers = len(schedule)
   c.model.update(num_layers=layers, d_model=64 if smoke else 1024, num_heads=4 if smoke else 16,
                  num_kv_heads=1, ffn_dim=128 if smoke else 2816, vocab_size=512 if smoke else 32000,
-                 attention_types=V4_SCHEDULE[:layers], mlp_types=("hash_moe",) + ("moe",) * (layers - 1),
+                 attention_types=schedule, mlp_types=("hash_moe",) + ("moe",) * (layers - 1),
                  remat=("full",) if long else ("none",))
   c.model.attention.update(window=128, sinks=True, q_lora_rank=32 if smoke else 512, rope_dim=16 if smoke else 64,
                            rope_layout="interleave", csa_ratio=4, hca_ratio=128, index_heads=2 if smoke else 8,

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow(minutes=4)  # on 2 cores; the longest modules start first (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config", "configs/tiny.py", "--config.model.num_layers=2", "--config.model.d_model=64",
          "--config.data.seq_len=64", "--config.train.batch_size=8", "--config.train.log_every=1",

@@ -25,6 +25,8 @@ from moejax.validation import validate
 from tests.test_config import set_fields
 from tests.test_train import small_train_cfg
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 
 @MLP.register("counting_swiglu")
 class CountingSwiGLU(nn.Module):

@@ -19,6 +19,8 @@ from moejax.data import ShardedBatches
 from moejax.layers.routers import ROUTER_RECIPES
 from moejax.train import Experiment
 
+pytestmark = pytest.mark.slow(minutes=10)  # on 2 cores; the longest modules start first (tests/conftest.py)
+
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 DATA = ("copy", "passkey", "mqar", "stdlib")
 

@@ -5,12 +5,15 @@ import copy
 import chex
 import jax
 import numpy as np
+import pytest
 
 from moejax.distill import cache as cache_lib
 from moejax.distill.data import DomainBatches
 from moejax.distill.run import DistillExperiment
 from moejax.grad_accum import split_micro
 from tests.distill.helpers import random_teachers, tiny_distill_cfg
+
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 
 
 def test_every_micro_batch_holds_each_domain_in_its_rows():

@@ -12,6 +12,8 @@ from moejax.distill.data import DomainBatches
 from moejax.objective import forward
 from tests.distill.helpers import distill_experiment, tiny_distill_cfg
 
+pytestmark = pytest.mark.slow(minutes=3)  # on 2 cores; the longest modules start first (tests/conftest.py)
+
 
 def _np_log_softmax(l):
   l = l - l.max(-1, keepdims=True)

@@ -1,9 +1,12 @@
 """Attention selection maps against their definitions, written out here."""
 
 import numpy as np
+import pytest
 
 from moejax.config import load_config
 from moejax.lab.attention_maps import selections
+
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 
 T, WINDOW, TOPK, CSA, HCA = 32, 6, 5, 4, 8
 

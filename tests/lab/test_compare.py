@@ -21,6 +21,8 @@ from moejax.layers.routers import (
 )
 from tests.lab.helpers import tiny_lab_cfg
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 
 class SigmoidTemperature(nn.Module):
   """A router as a notebook would write it: sigmoid top-k of logits / learned temperature."""

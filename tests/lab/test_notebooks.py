@@ -40,7 +40,7 @@ def test_notebooks_are_stored_without_outputs(name):
     assert code[0].source.startswith("# @title 0. Install")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=8)  # all five
 @pytest.mark.parametrize("name", sorted(CI_PARAMETERS))
 def test_notebook_runs(name, tmp_path, monkeypatch):
   from nbclient import NotebookClient

@@ -17,6 +17,8 @@ from moejax.lab.replay import (
 from moejax.train import Experiment, train
 from tests.lab.helpers import tiny_lab_cfg
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def two_models(devices):

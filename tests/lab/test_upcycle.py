@@ -10,6 +10,8 @@ from moejax.models import build_model
 from moejax.train import Experiment, train
 from tests.lab.helpers import tiny_lab_cfg
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 TOKENS = np.random.default_rng(0).integers(3, 200, size=(2, 16)).astype(np.int32)
 # The experts run through the dispatch's einsums and sum K weighted copies: float32 rounding, not bit equality.
 ATOL = 2e-5

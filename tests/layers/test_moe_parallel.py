@@ -19,7 +19,7 @@ from moejax.sharding import BATCH_AXES, LOGICAL_RULES, logical_sharding, make_me
 from moejax.train import Experiment, ExpertCollapseWatch, train
 from tests.layers.test_moe import D, init_moe, moe_cfg
 
-pytestmark = pytest.mark.multidevice
+pytestmark = [pytest.mark.multidevice, pytest.mark.slow]  # slow: scheduled first (tests/conftest.py)
 MOE_DOC = Path(__file__).parents[2] / "docs" / "moe.md"
 
 MESHES = {

@@ -10,6 +10,8 @@ from moejax.models import Transformer
 from moejax.models.block import remat_compiler_options
 from tests.helpers import tiny_model_cfg, unboxed_init
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 
 def _model_and_vars(**overrides):
   model = Transformer(tiny_model_cfg(**overrides))

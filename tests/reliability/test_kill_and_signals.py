@@ -9,6 +9,8 @@ import pytest
 
 from tests.reliability import harness
 
+pytestmark = pytest.mark.slow(minutes=5)  # on 2 cores; the longest modules start first (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

@@ -4,8 +4,11 @@ import socket
 import subprocess
 
 import numpy as np
+import pytest
 
 from tests.reliability import harness
+
+pytestmark = pytest.mark.slow(minutes=3)  # on 2 cores; the longest modules start first (tests/conftest.py)
 
 SHARDED = ("--config.data.shards=2", "--config.mesh.data=-1", "--config.train.steps=6")
 

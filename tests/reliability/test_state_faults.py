@@ -15,6 +15,8 @@ from moejax.console import read_runs
 from moejax.train import INJECT_NAN_ENV, Experiment, NonFiniteError, evaluate_checkpoint, train
 from tests.test_train import small_train_cfg
 
+pytestmark = pytest.mark.slow(minutes=5)  # on 2 cores; the longest modules start first (tests/conftest.py)
+
 
 def _cfg(steps=8, **train_fields):
   cfg = small_train_cfg(steps=steps, checkpoint_every=2, **train_fields)

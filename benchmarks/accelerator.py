@@ -16,12 +16,17 @@ random tokens, one device; median of ``--steps`` steps after two warm-up steps):
   (batch 4) and T = 32768 (batch 1, every block rematerialised).
 * ``moe8_muon``: ``moe8`` with Muon (AdamW on embeddings / head / router, as configured).
 
+Every case runs in a fresh process (the suite's own process never opens the device), so
+its peak memory is its own and an out-of-memory or a failed compile becomes a row with
+the error. A case whose library kernel (tokamax MoE, cuDNN attention) fails is rerun on
+the pure-JAX paths and reported twice. Results are written after every case.
+
 Each row: tokens/s, MFU (``moejax.flops`` model FLOPs, remat not counted, over the
 device's bf16 peak; unknown on CPU), peak device memory (``device.memory_stats()``
-``peak_bytes_in_use``, cumulative over the process, so read it per case in order; not
-reported by the CPU backend), compile time (first step minus a median step) and the MoE
-dispatch / attention kernel each case resolved to. Then every MoE dispatch backend on
-one layer (fwd + bwd, 16K tokens, d 2048, 64 experts top-6 of width 1408) side by side.
+``peak_bytes_in_use``; not reported by the CPU backend), compile time (first step minus
+a median step) and the MoE dispatch / attention kernel each case resolved to. Then every
+MoE dispatch backend on one layer (fwd + bwd, 16K tokens, d 2048, 64 experts top-6 of
+width 1408) side by side, as ratios to a dense SwiGLU MLP of the same active FLOPs.
 
 Memory (reasoned, not compiled at full size on CPU, which takes longer than the suite):
 per parameter 4 (fp32 weights) + 4 (grads) + 8 (two Adam moments) = 16 bytes, so ~1B
@@ -38,7 +43,12 @@ and each frees its state before the next, so the largest single case must fit in
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -94,10 +104,15 @@ CASES = {
 }
 
 
-def case_config(name: str, smoke: bool):
+def case_config(name: str, smoke: bool, fallback: bool = False):
+  """The config of case ``name``; ``fallback``: the pure-JAX paths (MoE ``einsum``, attention without
+  library kernels), the rerun of a case whose library kernel failed."""
   build, seq_len, batch, optimizer = CASES[name]
   c = base_config()
   build(c, smoke)
+  if fallback:
+    c.model.moe.backend = "einsum"
+    c.model.attention.implementation = "chunked" if seq_len > c.model.attention.xla_max_len else "xla"
   c.model.dtype = "bfloat16"
   c.data.seq_len = 256 if smoke else seq_len
   c.train.update(batch_size=2 if smoke else batch, steps=100, loss_chunk=1024)
@@ -123,10 +138,10 @@ def random_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
           "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
 
 
-def run_case(name: str, smoke: bool, steps: int) -> dict:
+def run_case(name: str, smoke: bool, steps: int, fallback: bool = False) -> dict:
   from moejax.train import Experiment
 
-  cfg = case_config(name, smoke)
+  cfg = case_config(name, smoke, fallback)
   device = jax.devices()[0]
   exp = Experiment(cfg, [device])
   state, rng = exp.init_state(), np.random.default_rng(0)
@@ -141,18 +156,18 @@ def run_case(name: str, smoke: bool, steps: int) -> dict:
   tokens = cfg.train.batch_size * cfg.data.seq_len
   flops = model_flops(cfg.model, cfg.data.seq_len)
   peak = peak_flops(device.device_kind)
-  memory = (device.memory_stats() or {}).get("peak_bytes_in_use")
-  del state
+  memory = (device.memory_stats() or {}).get("peak_bytes_in_use")  # this process ran this case alone
   return {"case": name, **stats, "tokens_per_step": tokens, "tokens_per_s": tokens / stats["median_s"],
           "model_tflops_per_token": flops.train / 1e12,
           "mfu": mfu(flops.train, tokens / stats["median_s"], 1, peak) if peak else None,
           "peak_memory_bytes": memory, "compile_s": times[0] - stats["median_s"],
-          "backends": backends_used(cfg, device.platform), "loss": float(metrics["loss"])}
+          "backends": backends_used(cfg, device.platform), "loss": float(metrics["loss"]), "fallback": fallback}
 
 
 def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
   """Every MoE dispatch backend that can run here (its optional package installed) on one layer, fwd + bwd,
-  interleaved rounds (``benchmarks/moe_layer.py``)."""
+  interleaved rounds (``benchmarks/moe_layer.py``), as ratios to a dense SwiGLU MLP of the same active
+  FLOPs (width ``(top_k + shared) * expert width``). A backend that fails to compile is reported, not fatal."""
   import jax.numpy as jnp
   import ml_collections
   # benchmarks/ is on sys.path when this file runs as a script
@@ -162,24 +177,58 @@ def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
 
   cfg = base_config().model
   d, experts, top_k, width, tokens = (64, 16, 4, 32, 512) if smoke else (2048, 64, 6, 1408, 16384)
-  cfg.update(d_model=d, dtype="bfloat16", vocab_size=320)
+  cfg.update(d_model=d, dtype="bfloat16", vocab_size=320, ffn_dim=(top_k + 1) * width)
   cfg.moe.update(num_experts=experts, top_k=top_k, expert_ffn_dim=width, num_shared=1, score="softmax")
   x = jax.random.normal(jax.random.key(0), (1, tokens, d), jnp.bfloat16)
-  steps_fns = {}
-  for backend in BACKENDS.names():
-    spec = BACKENDS.get(backend)
-    if not available(backend):
-      print(f"  MoE layer backend {backend}: skipped, {spec.requires} is not installed (pip install -e '.[kernels]')")
+  variants = {"dense MLP": ("dense", None, None)}
+  variants |= {f"{b} ({'dropless' if BACKENDS.get(b).dropless else 'capacity'})":
+               ("moe", b, "dropless" if BACKENDS.get(b).dropless else "capacity") for b in BACKENDS.names()}
+  steps_fns, failed = {}, []
+  for name, (mlp_type, backend, dispatch) in variants.items():
+    if backend and not available(backend):
+      print(f"  MoE layer backend {backend}: skipped, {BACKENDS.get(backend).requires} is not installed "
+            "(pip install -e '.[kernels]')")
       continue
-    dispatch = "dropless" if spec.dropless else "capacity"
     layer_cfg = cfg.copy_and_resolve_references()
-    layer_cfg.moe.update(backend=backend, dispatch=dispatch)
-    step, _ = moejax_step(x, "moe", ml_collections.FrozenConfigDict(layer_cfg))
-    step()  # compile
-    steps_fns[f"{backend} ({dispatch})"] = lambda step=step: _timed(step)
+    if backend:
+      layer_cfg.moe.update(backend=backend, dispatch=dispatch)
+    try:
+      step, _ = moejax_step(x, mlp_type, ml_collections.FrozenConfigDict(layer_cfg))
+      step(), step()  # compile, then one untimed run (the first run after compiling is slow on CPU)
+    except Exception as e:  # noqa: BLE001 -- a library kernel that fails here is a result to report
+      print(f"  MoE layer {name}: failed: {_last_line(e)}", flush=True)
+      failed.append({"layer_backend": name, "tokens": tokens, "error": _last_line(e)})
+      continue
+    steps_fns[name] = lambda step=step: _timed(step)
   samples = interleaved(steps_fns, steps)
   first = next(iter(samples))
-  return [{"layer_backend": n, "tokens": tokens, **summary(s, samples[first])} for n, s in samples.items()]
+  return [{"layer_backend": n, "tokens": tokens, **summary(s, samples[first])} for n, s in samples.items()] + failed
+
+
+def _last_line(e: BaseException) -> str:
+  return "".join(traceback.format_exception_only(e)).strip().splitlines()[-1][:500]
+
+
+def run_isolated(what: str, smoke: bool, steps: int, fallback: bool = False) -> tuple[list[dict], dict]:
+  """Runs one case (or ``layer``) in a fresh process: its peak device memory is its own, and an
+  out-of-memory or a crashed compile is a row with the error instead of the end of the suite.
+  Returns the rows and the child's {platform, device_kind} (empty if it never got that far)."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--steps", str(steps)]
+  cmd += ["--smoke"] * smoke + ["--fallback"] * fallback
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = proc.stdout.splitlines()
+  sys.stdout.write("".join(line + "\n" for line in lines if not line.startswith((_ROWS, _DEVICE))))
+  rows = [json.loads(line[len(_ROWS):]) for line in lines if line.startswith(_ROWS)]
+  device = next((json.loads(line[len(_DEVICE):]) for line in lines if line.startswith(_DEVICE)), {})
+  if proc.returncode or not rows:
+    tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+    print(f"  {what}: failed: {tail[0][:500]}", flush=True)
+    return [{"case" if what != "layer" else "layer_backend": what, "error": tail[0][:500],
+             "fallback": fallback, "returncode": proc.returncode}], device
+  return rows, device
+
+
+_ROWS, _DEVICE = "ROWS ", "DEVICE "  # a child's result lines on stdout
 
 
 def _timed(step) -> float:
@@ -195,15 +244,36 @@ def table(record: dict) -> str:
   lines = ["| case | step ms (median) | tokens/s | MFU | peak memory GiB | compile s | backends |",
            "|---|---|---|---|---|---|---|"]
   for r in record["rows"]:
-    if "case" in r:
-      lines.append(f"| {r['case']} | {r['median_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
-                   f"{pct(r['mfu'])} | "
+    if "case" not in r:
+      continue
+    name = r["case"] + (" (pure-JAX fallback)" if r.get("fallback") else "")
+    if "error" in r:
+      lines.append(f"| {name} | failed: {r['error'].replace('|', '/')[:160]} | | | | | |")
+    else:
+      lines.append(f"| {name} | {r['median_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | {pct(r['mfu'])} | "
                    f"{gib(r['peak_memory_bytes'])} | {r['compile_s']:.1f} | {r['backends']} |")
   layer = [r for r in record["rows"] if "layer_backend" in r]
   if layer:
-    lines += ["", "| MoE layer backend | fwd+bwd ms (median) | ratio to first |", "|---|---|---|"]
-    lines += [f"| {r['layer_backend']} | {r['median_s'] * 1e3:.2f} | {r['ratio']:.2f} |" for r in layer]
+    lines += ["", "| MoE layer | fwd+bwd ms (median) | ratio to dense MLP (min-max) |", "|---|---|---|"]
+    lines += [f"| {r['layer_backend']} | failed: {r['error'].replace('|', '/')[:160]} | |" if "error" in r else
+              f"| {r['layer_backend']} | {r['median_s'] * 1e3:.2f} | {r['ratio']:.2f} "
+              f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |" for r in layer]
   return "\n".join(lines)
+
+
+def _child(what: str, smoke: bool, steps: int, fallback: bool) -> None:
+  device = jax.devices()[0]
+  print(_DEVICE + json.dumps({"platform": device.platform, "device_kind": device.device_kind}), flush=True)
+  rows = run_layer_backends(smoke, steps) if what == "layer" else [run_case(what, smoke, steps, fallback)]
+  for row in rows:
+    print(_ROWS + json.dumps(row, default=float), flush=True)
+
+
+def _report(name: str, row: dict) -> None:
+  mfu_text = "unknown" if row["mfu"] is None else f"{row['mfu']:.1%}"
+  print(f"  {name}{' (fallback)' if row['fallback'] else ''}: {row['median_s'] * 1e3:.1f} ms/step, "
+        f"{row['tokens_per_s']:,.0f} tokens/s, MFU {mfu_text}, compile {row['compile_s']:.1f} s, {row['backends']}",
+        flush=True)
 
 
 def main(argv=None):
@@ -213,28 +283,41 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 10; smoke 2)")
   parser.add_argument("--no-layer", action="store_true", help="skip the MoE layer backends")
   parser.add_argument("--results-dir", default=RESULTS_DIR, help="where the raw JSON goes")
+  parser.add_argument("--child", help=argparse.SUPPRESS)  # one case (or 'layer') in this process
+  parser.add_argument("--fallback", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   steps = args.steps or (2 if args.smoke else 10)
+  if args.child:
+    return _child(args.child, args.smoke, steps, args.fallback)
   names = args.cases.split(",")
   unknown = sorted(set(names) - set(CASES))
   if unknown:
     parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
-  device = jax.devices()[0]
-  print(f"accelerator suite on {device.device_kind} ({device.platform}){' [smoke]' if args.smoke else ''}")
+  # This process never opens the device: each case runs in a child that has it alone.
+  print(f"accelerator suite{' [smoke]' if args.smoke else ''}: {', '.join(names)}", flush=True)
   results = Results("accelerator", params={"smoke": args.smoke, "cases": names, "steps": steps},
                     directory=args.results_dir)
   for name in names:
-    row = run_case(name, args.smoke, steps)
-    print(f"  {name}: {row['median_s'] * 1e3:.1f} ms/step, {row['tokens_per_s']:,.0f} tokens/s, "
-          f"compile {row['compile_s']:.1f} s, {row['backends']}", flush=True)
-    results.add_rows([row])
+    rows, device = run_isolated(name, args.smoke, steps)
+    results.add_rows([], **device)
+    if "error" in rows[0] and device and any(
+        k in backends_used(case_config(name, args.smoke), device["platform"]) for k in ("tokamax", "cudnn")):
+      rows += run_isolated(name, args.smoke, steps, fallback=True)[0]  # the library kernel's failure is a result too
+    for row in rows:
+      if "error" not in row:
+        _report(name, row)
+    results.add_rows(rows)
+    results.write()  # after every case: a run cut short keeps what it measured
   if not args.no_layer:
-    results.add_rows(run_layer_backends(args.smoke, steps))
-  results.add_rows([], device_kind=device.device_kind)
+    results.add_rows(run_isolated("layer", args.smoke, steps)[0])
   results.write()
   print(table(results.record))
+  failed = [r.get("case", r.get("layer_backend")) for r in results.record["rows"] if "error" in r]
+  if failed:
+    print(f"failed: {', '.join(failed)}")
   return results.record
 
 
 if __name__ == "__main__":
-  main()
+  record = main()
+  sys.exit(1 if record and any("error" in r for r in record["rows"]) else 0)

@@ -103,11 +103,19 @@ def _read_lines(path: str) -> list[str]:
 
 
 def git_commit() -> dict[str, Any]:
-  """{"commit": sha or None, "dirty": whether tracked files differ from it}, of the working directory's repo."""
+  """{"commit": sha or None, "dirty": whether tracked files differ from it}, of the working directory's repo.
+
+  A tree copied without its ``.git`` (to a cluster or an accelerator host) names its commit in
+  ``MOEJAX_COMMIT``; its dirtiness is then unknown (None).
+  """
   run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, check=False)
-  sha = run("rev-parse", "HEAD").stdout.strip() or None
-  dirty = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip()) if sha else None
-  return {"commit": sha, "dirty": dirty}
+  try:
+    sha = run("rev-parse", "HEAD").stdout.strip() or None
+  except OSError:  # no git on this machine
+    sha = None
+  if sha is None:
+    return {"commit": os.environ.get("MOEJAX_COMMIT") or None, "dirty": None}
+  return {"commit": sha, "dirty": bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip())}
 
 
 class Results:

@@ -42,5 +42,7 @@ def test_every_case_and_backend_reports(record):
   assert cases["dense"]["backends"] == "moe -, attention xla"
   assert cases["moe8"]["backends"] == "moe einsum, attention xla"
   layer = [r["layer_backend"].split()[0] for r in record["rows"] if "layer_backend" in r]
-  assert layer == [n for n in BACKENDS.names() if available(n)]
+  assert layer == ["dense"] + [n for n in BACKENDS.names() if available(n)]  # the baseline first
+  assert not [r for r in record["rows"] if "error" in r]
+  assert all(not r["fallback"] for r in cases.values())
   assert accelerator.table(record).count("\n| ") == len(cases) + 1 + len(layer)

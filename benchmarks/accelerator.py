@@ -43,8 +43,10 @@ and each frees its state before the next, so the largest single case must fit in
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -58,7 +60,7 @@ from moejax.config import base_config
 from moejax.flops import mfu, model_flops, peak_flops
 from moejax.layers.attention import ATTENTION
 from moejax.layers.attention.options import attention_kernel
-from moejax.layers.moe_dispatch import BACKENDS, available, resolve_backend
+from moejax.layers.moe_dispatch import BACKENDS, resolve_backend, unavailable_because
 
 V4_SCHEDULE = ("hca", "hca") + ("csa", "hca") * 5
 
@@ -104,9 +106,10 @@ CASES = {
 }
 
 
-def case_config(name: str, smoke: bool, fallback: bool = False):
+def case_config(name: str, smoke: bool, fallback: bool = False, overrides: tuple[str, ...] = ()):
   """The config of case ``name``; ``fallback``: the pure-JAX paths (MoE ``einsum``, attention without
-  library kernels), the rerun of a case whose library kernel failed."""
+  library kernels), the rerun of a case whose library kernel failed; ``overrides``: ``KEY=VALUE`` strings
+  (``--set model.attention.xla_max_len=4096``) applied last."""
   build, seq_len, batch, optimizer = CASES[name]
   c = base_config()
   build(c, smoke)
@@ -118,6 +121,13 @@ def case_config(name: str, smoke: bool, fallback: bool = False):
   c.train.update(batch_size=2 if smoke else batch, steps=100, loss_chunk=1024)
   c.optim.update(name=optimizer, warmup_steps=0)
   c.mesh.update(data=1)
+  for item in overrides:
+    key, _, value = item.partition("=")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a bare string
+    c.update_from_flattened_dict({key: value})
   return c
 
 
@@ -138,10 +148,10 @@ def random_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
           "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
 
 
-def run_case(name: str, smoke: bool, steps: int, fallback: bool = False) -> dict:
+def run_case(name: str, smoke: bool, steps: int, fallback: bool = False, overrides: tuple[str, ...] = ()) -> dict:
   from moejax.train import Experiment
 
-  cfg = case_config(name, smoke, fallback)
+  cfg = case_config(name, smoke, fallback, overrides)
   device = jax.devices()[0]
   exp = Experiment(cfg, [device])
   state, rng = exp.init_state(), np.random.default_rng(0)
@@ -185,9 +195,8 @@ def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
                ("moe", b, "dropless" if BACKENDS.get(b).dropless else "capacity") for b in BACKENDS.names()}
   steps_fns, failed = {}, []
   for name, (mlp_type, backend, dispatch) in variants.items():
-    if backend and not available(backend):
-      print(f"  MoE layer backend {backend}: skipped, {BACKENDS.get(backend).requires} is not installed "
-            "(pip install -e '.[kernels]')")
+    if backend and (why := unavailable_because(backend)):
+      print(f"  MoE layer backend {backend}: skipped, {why}")
       continue
     layer_cfg = cfg.copy_and_resolve_references()
     if backend:
@@ -209,26 +218,34 @@ def _last_line(e: BaseException) -> str:
   return "".join(traceback.format_exception_only(e)).strip().splitlines()[-1][:500]
 
 
-def run_isolated(what: str, smoke: bool, steps: int, fallback: bool = False) -> tuple[list[dict], dict]:
+def run_isolated(what: str, smoke: bool, steps: int, fallback: bool = False,
+                 overrides: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
   """Runs one case (or ``layer``) in a fresh process: its peak device memory is its own, and an
   out-of-memory or a crashed compile is a row with the error instead of the end of the suite.
   Returns the rows and the child's {platform, device_kind} (empty if it never got that far)."""
   cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--steps", str(steps)]
-  cmd += ["--smoke"] * smoke + ["--fallback"] * fallback
+  cmd += ["--smoke"] * smoke + ["--fallback"] * fallback + [f"--set={o}" for o in overrides]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = proc.stdout.splitlines()
   sys.stdout.write("".join(line + "\n" for line in lines if not line.startswith((_ROWS, _DEVICE))))
   rows = [json.loads(line[len(_ROWS):]) for line in lines if line.startswith(_ROWS)]
   device = next((json.loads(line[len(_DEVICE):]) for line in lines if line.startswith(_DEVICE)), {})
   if proc.returncode or not rows:
-    tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-    print(f"  {what}: failed: {tail[0][:500]}", flush=True)
-    return [{"case" if what != "layer" else "layer_backend": what, "error": tail[0][:500],
+    error = _error_line(proc.stderr) or f"exit status {proc.returncode}"
+    print(f"  {what}: failed: {error}", flush=True)
+    return [{"case" if what != "layer" else "layer_backend": what, "error": error,
              "fallback": fallback, "returncode": proc.returncode}], device
   return rows, device
 
 
 _ROWS, _DEVICE = "ROWS ", "DEVICE "  # a child's result lines on stdout
+
+
+def _error_line(stderr: str) -> str:
+  """The exception line of a child's traceback (the last ``SomethingError: ...`` line), else its last line."""
+  lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+  errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line)]
+  return (errors or lines or [""])[-1][:500]
 
 
 def _timed(step) -> float:
@@ -261,10 +278,10 @@ def table(record: dict) -> str:
   return "\n".join(lines)
 
 
-def _child(what: str, smoke: bool, steps: int, fallback: bool) -> None:
+def _child(what: str, smoke: bool, steps: int, fallback: bool, overrides: tuple[str, ...]) -> None:
   device = jax.devices()[0]
   print(_DEVICE + json.dumps({"platform": device.platform, "device_kind": device.device_kind}), flush=True)
-  rows = run_layer_backends(smoke, steps) if what == "layer" else [run_case(what, smoke, steps, fallback)]
+  rows = run_layer_backends(smoke, steps) if what == "layer" else [run_case(what, smoke, steps, fallback, overrides)]
   for row in rows:
     print(_ROWS + json.dumps(row, default=float), flush=True)
 
@@ -283,26 +300,32 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 10; smoke 2)")
   parser.add_argument("--no-layer", action="store_true", help="skip the MoE layer backends")
   parser.add_argument("--results-dir", default=RESULTS_DIR, help="where the raw JSON goes")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for every case, e.g. model.attention.xla_max_len=4096 (repeatable)")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # one case (or 'layer') in this process
   parser.add_argument("--fallback", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   steps = args.steps or (2 if args.smoke else 10)
   if args.child:
-    return _child(args.child, args.smoke, steps, args.fallback)
+    return _child(args.child, args.smoke, steps, args.fallback, tuple(args.set))
   names = args.cases.split(",")
   unknown = sorted(set(names) - set(CASES))
   if unknown:
     parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
   # This process never opens the device: each case runs in a child that has it alone.
   print(f"accelerator suite{' [smoke]' if args.smoke else ''}: {', '.join(names)}", flush=True)
-  results = Results("accelerator", params={"smoke": args.smoke, "cases": names, "steps": steps},
+  overrides = tuple(args.set)
+  for name in names:  # a bad override fails here, before any device time is spent
+    case_config(name, args.smoke, overrides=overrides)
+  results = Results("accelerator", params={"smoke": args.smoke, "cases": names, "steps": steps, "set": list(overrides)},
                     directory=args.results_dir)
   for name in names:
-    rows, device = run_isolated(name, args.smoke, steps)
+    rows, device = run_isolated(name, args.smoke, steps, overrides=overrides)
     results.add_rows([], **device)
     if "error" in rows[0] and device and any(
-        k in backends_used(case_config(name, args.smoke), device["platform"]) for k in ("tokamax", "cudnn")):
-      rows += run_isolated(name, args.smoke, steps, fallback=True)[0]  # the library kernel's failure is a result too
+        k in backends_used(case_config(name, args.smoke, overrides=overrides), device["platform"])
+        for k in ("tokamax", "cudnn")):
+      rows += run_isolated(name, args.smoke, steps, fallback=True, overrides=overrides)[0]  # the library kernel's failure is a result too
     for row in rows:
       if "error" not in row:
         _report(name, row)

@@ -14,10 +14,34 @@ from __future__ import annotations
 import importlib.util
 import types
 
+import jax
+
 
 def installed(name: str) -> bool:
   """Whether the optional package ``name`` is importable (without importing it)."""
   return importlib.util.find_spec(name) is not None
+
+
+def tokamax_problem(platform: str | None = None) -> str | None:
+  """Why tokamax's kernels cannot run on ``platform`` with this JAX (None: they can).
+
+  tokamax 0.0.12's GPU kernels (Pallas on Triton, for ``ragged_dot`` and
+  ``dot_product_attention``) call ``pallas.dot``, which JAX 0.11 removed:
+  measured on an H100 with JAX 0.11.2, every tokamax GPU call fails with
+  "pl.dot was deprecated in JAX v0.11.0" (docs/benchmarks.md, accelerator
+  suite). Its CPU path (XLA) and TPU path (Mosaic) do not use it.
+  """
+  if not installed("tokamax"):
+    return "the tokamax package is not installed (pip install -e '.[kernels]')"
+  if (platform or jax.default_backend()) == "gpu":
+    from jax.experimental import pallas
+
+    try:
+      getattr(pallas, "dot")
+    except AttributeError:
+      return (f"tokamax's GPU kernels call jax.experimental.pallas.dot, which JAX {jax.__version__} removed "
+              "(a tokamax release newer than 0.0.12 may fix it)")
+  return None
 
 
 def tokamax() -> types.ModuleType:

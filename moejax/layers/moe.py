@@ -32,8 +32,8 @@ import ml_collections
 from moejax.config import DISPATCH_MODES, SCORES
 from moejax.layers import DTYPES
 from moejax.layers.mlp import MLP, SwiGLU
-from moejax.layers.moe_dispatch import (BACKENDS, DispatchSpec, ExpertWeights, available, dispatch,
-                                        resolve_backend)
+from moejax.layers.moe_dispatch import (BACKENDS, DispatchSpec, ExpertWeights, dispatch, resolve_backend,
+                                        unavailable_because)
 from moejax.layers.routers import ROUTERS, RouterAux, replayable
 from moejax.layers.balancing import validate_balancing
 
@@ -200,8 +200,9 @@ def validate_moe(cfg: ml_collections.ConfigDict) -> list[str]:
     need(getattr(backend, moe.dispatch),
          f"model.moe.backend={moe.backend!r} does not support dispatch={moe.dispatch!r}; use backend='einsum' "
          "(supports both) or 'auto'.")
-    need(available(moe.backend), f"model.moe.backend={moe.backend!r} needs the {backend.requires!r} package, "
-         "which is not installed; pip install -e '.[kernels]', or use backend='auto'.")
+    why = unavailable_because(moe.backend)
+    need(why is None, f"model.moe.backend={moe.backend!r} cannot run here: {why}; use backend='auto' "
+         "(or 'ragged_dot' / 'einsum').")
     need(mesh.expert == 1 or backend.expert_parallel,
          f"model.moe.backend={moe.backend!r} does not support expert parallelism (mesh.expert={mesh.expert}); "
          "use backend='einsum' or 'auto'.")

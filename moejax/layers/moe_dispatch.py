@@ -107,10 +107,19 @@ def dropless_capacities(num_tokens: int, top_k: int, num_experts: int) -> tuple[
   return tuple(sorted(caps | {num_tokens}))
 
 
-def available(name: str) -> bool:
-  """Whether backend ``name`` can run here (its optional package is installed)."""
+def available(name: str, platform: str | None = None) -> bool:
+  """Whether backend ``name`` can run on ``platform`` (its optional package installed and working there)."""
+  return unavailable_because(name, platform) is None
+
+
+def unavailable_because(name: str, platform: str | None = None) -> str | None:
+  """Why backend ``name`` cannot run on ``platform`` (None: it can)."""
   requires = BACKENDS.get(name).requires
-  return not requires or library_kernels.installed(requires)
+  if requires == "tokamax":
+    return library_kernels.tokamax_problem(platform)
+  if requires and not library_kernels.installed(requires):
+    return f"the {requires!r} package is not installed (pip install -e '.[kernels]')"
+  return None
 
 
 def resolve_backend(name: str, dropless: bool, expert_parallel: bool, platform: str | None = None) -> str:
@@ -124,7 +133,7 @@ def resolve_backend(name: str, dropless: bool, expert_parallel: bool, platform: 
   platform = platform or jax.default_backend()
   if not dropless or expert_parallel or platform not in ("tpu", "gpu"):
     return "einsum"
-  if available("tokamax"):
+  if available("tokamax", platform):
     return "tokamax"
   return "ragged_dot" if platform == "tpu" else "einsum"
 

@@ -96,8 +96,8 @@ def _library_kernel(m: ml_collections.ConfigDict, types: set[str]) -> list[str]:
   if m.attention.implementation == "cudnn":
     e.extend(cudnn_problems(m) if m.num_heads >= 1 else [])  # platform and T: checked when the layer runs
   else:
-    _need(e, library_kernels.installed("tokamax"), f"{field} needs the tokamax package, which is not installed; "
-          "pip install -e '.[kernels]', or use implementation='auto'.")
+    why = library_kernels.tokamax_problem()
+    _need(e, why is None, f"{field} cannot run here: {why}; use implementation='auto'.")
     _need(e, not m.attention.sinks, f"{field}: tokamax.dot_product_attention has no attention sinks "
           "(model.attention.sinks=True); set sinks=False or implementation='xla' / 'chunked'.")
   return e

@@ -117,3 +117,57 @@ def git_commit() -> dict[str, Any]:
     return {"commit": None, "dirty": None}
   return {"commit": sha, "dirty": bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip()) if sha
           else None}
+
+
+class Results:
+  """Raw results of one benchmark run, written with their provenance."""
+
+  def __init__(self, benchmark: str, params: dict[str, Any] | None = None, directory: str = RESULTS_DIR):
+    self.benchmark, self.directory = benchmark, directory
+    self.started = datetime.datetime.now(datetime.timezone.utc)
+    self.record: dict[str, Any] = {
+        "benchmark": benchmark, "command": shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+        "params": dict(params or {}), "date": self.started.isoformat(timespec="seconds"),
+        "load_average_before": load_average(), **git_commit(), "rows": []}
+
+  def add_rows(self, rows: list[dict[str, Any]], **extra: Any) -> None:
+    """Appends result rows (one dict per variant / size); ``extra`` sets top-level fields."""
+    self.record["rows"].extend(rows)
+    self.record.update(extra)
+
+  def write(self) -> str:
+    """Writes ``<directory>/<benchmark>/<UTC time>-<commit>.json`` and returns its path."""
+    self.record.update(machine=machine(), load_average_after=load_average(),
+                       seconds=round((datetime.datetime.now(datetime.timezone.utc) - self.started).total_seconds(), 1))
+    folder = os.path.join(self.directory, self.benchmark)
+    os.makedirs(folder, exist_ok=True)
+    stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(folder, f"{stamp}-{(self.record['commit'] or 'nogit')[:8]}.json")
+    with open(path, "w") as f:
+      json.dump(self.record, f, indent=1, default=_jsonable)
+    print(f"raw results: {os.path.relpath(path)}")
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+  if hasattr(x, "tolist"):
+    return x.tolist()
+  if isinstance(x, tuple):
+    return list(x)
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def latest(benchmark: str, directory: str = RESULTS_DIR, **params: Any) -> dict[str, Any] | None:
+  """The newest result of ``benchmark`` whose ``params`` include ``params`` (None if there is none)."""
+  folder = os.path.join(directory, benchmark)
+  if not os.path.isdir(folder):
+    return None
+  for name in sorted(os.listdir(folder), reverse=True):
+    if name.endswith(".json"):
+      path = os.path.join(folder, name)
+      with open(path) as f:
+        record = json.load(f)
+      record["_file"] = path
+      if all(record.get("params", {}).get(k) == v for k, v in params.items()):
+        return record
+  return None

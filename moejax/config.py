@@ -204,10 +204,11 @@ def attention_config() -> ml_collections.ConfigDict:
       # Kernel of the dense-type paths (dense, sliding, mla, swa): "xla" is
       # jax.nn.dot_product_attention with a [T, T] mask, "chunked" the flash-style kernel
       # (O(T * chunk_size) memory); dense/sliding only: "cudnn" (GPU, bf16/fp16, no sinks),
-      # "tokamax" (the kernels extra, no sinks). "auto": chunked above xla_max_len, else
-      # cudnn on a GPU where it applies, else xla (docs/attention.md#kernels).
+      # "tokamax" (the kernels extra, no sinks). "auto": cudnn on a GPU where it applies up to
+      # cudnn_max_len, else chunked above xla_max_len, else xla (docs/attention.md#kernels).
       implementation="auto",     # auto | xla | chunked | cudnn | tokamax
       xla_max_len=2048,
+      cudnn_max_len=8192,        # auto on GPU: longest T on cuDNN (its [B, T, T] bool mask: 256 MiB at B=4, T=8192)
       chunk_size=512,            # block of the chunked kernel and query chunk of sparse types
       window=128,                # sliding window (sliding, swa, csa, hca): t sees s iff t - window < s <= t
       sinks=False,               # learned per-head sink logit (dense, sliding, mla, dsa; V4 types always)

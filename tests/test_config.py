@@ -1,5 +1,6 @@
 """Config validation: every bad field is named with its fix, before compiling."""
 
+import jax
 import pytest
 
 from moejax.config import ConfigError, base_config, load_config
@@ -97,9 +98,22 @@ def test_library_kernels_that_are_not_installed_are_named_with_the_extra(monkeyp
   with pytest.raises(ConfigError) as err:
     validate(_cfg(model__attention__implementation="tokamax", model__mlp_types=("moe",), model__moe__backend="tokamax"),
              num_devices=1)
-  assert "model.attention.implementation='tokamax' needs the tokamax package" in str(err.value)
-  assert "model.moe.backend='tokamax' needs the 'tokamax' package" in str(err.value)
+  assert "model.attention.implementation='tokamax' cannot run here: the tokamax package is not installed" \
+      in str(err.value)
+  assert "model.moe.backend='tokamax' cannot run here: the tokamax package is not installed" in str(err.value)
   assert str(err.value).count("pip install -e '.[kernels]'") == 2
+
+
+def test_tokamax_on_a_gpu_without_pallas_dot_is_refused_with_the_reason(monkeypatch):
+  """tokamax 0.0.12's GPU kernels call ``pallas.dot``, which JAX 0.11 removed (seen on an H100)."""
+  from moejax.layers import library_kernels
+  from moejax.layers.moe_dispatch import resolve_backend, unavailable_because
+  assert library_kernels.pallas_has_dot() == (tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11))
+  monkeypatch.setattr(library_kernels, "installed", lambda name: True)
+  monkeypatch.setattr(library_kernels, "pallas_has_dot", lambda: False)
+  why = unavailable_because("tokamax", "gpu")
+  assert why and "pallas.dot" in why and unavailable_because("tokamax", "cpu") is None
+  assert resolve_backend("auto", True, False, "gpu") == "einsum"  # not tokamax
 
 
 def test_all_problems_are_reported_at_once():

@@ -33,15 +33,21 @@ def tokamax_problem(platform: str | None = None) -> str | None:
   """
   if not installed("tokamax"):
     return "the tokamax package is not installed (pip install -e '.[kernels]')"
-  if (platform or jax.default_backend()) == "gpu":
-    from jax.experimental import pallas
-
-    try:
-      getattr(pallas, "dot")
-    except AttributeError:
-      return (f"tokamax's GPU kernels call jax.experimental.pallas.dot, which JAX {jax.__version__} removed "
-              "(a tokamax release newer than 0.0.12 may fix it)")
+  if (platform or jax.default_backend()) == "gpu" and not pallas_has_dot():
+    return (f"tokamax's GPU kernels call jax.experimental.pallas.dot, which JAX {jax.__version__} removed "
+            "(a tokamax release newer than 0.0.12 may fix it)")
   return None
+
+
+def pallas_has_dot() -> bool:
+  """Whether ``jax.experimental.pallas.dot`` still exists (JAX < 0.11)."""
+  from jax.experimental import pallas
+
+  try:
+    getattr(pallas, "dot")
+  except AttributeError:
+    return False
+  return True
 
 
 def tokamax() -> types.ModuleType:

@@ -66,7 +66,9 @@ def test_cudnn_equals_xla_in_value_and_gradient(case):
 
 @pytest.mark.parametrize("platform,fields,library,seq_len,expected", [
     ("gpu", {}, True, 64, "cudnn"),
-    ("gpu", {}, True, 4096, "chunked"),               # above xla_max_len
+    ("gpu", {}, True, 4096, "cudnn"),                 # no [T, T] scores: cuDNN up to cudnn_max_len (8192)
+    ("gpu", {}, True, 8194, "chunked"),               # above cudnn_max_len and xla_max_len
+    ("gpu", {"attention": {"cudnn_max_len": 0}}, True, 64, "xla"),
     ("gpu", {}, True, 63, "xla"),                     # cuDNN with a mask needs an even T
     ("gpu", {"dtype": "float32"}, True, 64, "xla"),
     ("gpu", {"attention": {"sinks": True}}, True, 64, "xla"),

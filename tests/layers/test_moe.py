@@ -195,8 +195,9 @@ def test_tokamax_backend_equals_einsum_in_value_and_gradient_with_empty_slots(sk
     ("gpu", True, False, False, "einsum"), ("tpu", True, False, False, "ragged_dot"),
     ("tpu", False, False, True, "einsum"), ("gpu", True, True, True, "einsum")])
 def test_auto_backend_per_platform(monkeypatch, platform, dropless, expert_parallel, installed, expected):
+  """``installed``: tokamax importable and working on the platform (library_kernels.tokamax_problem)."""
   from moejax.layers import moe_dispatch
-  monkeypatch.setattr(moe_dispatch, "available", lambda name: installed)
+  monkeypatch.setattr(moe_dispatch, "available", lambda name, platform=None: installed)
   assert resolve_backend("auto", dropless, expert_parallel, platform) == expected
   assert resolve_backend("onehot", dropless, expert_parallel, platform) == "onehot"
 

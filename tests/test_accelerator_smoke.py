@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
   out = tmp_path_factory.mktemp("accelerator")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+      "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("MOEJAX_TEST_XLA_FLAGS", "")}  # one device
   result = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--smoke", "--steps", "1",
                            "--results-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
                           check=False)

@@ -20,7 +20,7 @@ SMALL = ["--config", "configs/tiny.py", "--config.model.num_layers=2", "--config
 
 def _env():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("MOEJAX_TEST_XLA_FLAGS", ""))  # one device
   return env
 
 

@@ -51,7 +51,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     book.cells.insert(where + 1, nbformat.v4.new_code_cell(
         CI_PARAMETERS[name] + f"\nWORKDIR = {str(tmp_path / 'work')!r}", metadata={"tags": ["injected-parameters"]}))
   # The kernel sees one CPU device (not the 8 the test session forces) and the checkout on its path.
-  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("MOEJAX_TEST_XLA_FLAGS", ""))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -29,7 +29,8 @@ ARGS = ["--config", "configs/tiny.py", "--config.model.num_layers=2", "--config.
 
 def env(devices: int = 1, **extra: str) -> dict[str, str]:
   e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+  e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{os.environ.get('MOEJAX_TEST_XLA_FLAGS', '')} "
+           f"--xla_force_host_platform_device_count={devices}".strip(), **extra)
   return e
 
 

@@ -53,3 +53,22 @@ def test_long_context_report_matches_the_committed_summary(tmp_path, name):
   summary = _from_results(name, tmp_path)
   assert summary == (EXPERIMENTS / name / "summary.md").read_text()
   assert (tmp_path / "heatmaps.png").stat().st_size > 0
+
+
+def test_muon_adam_lr_report_regenerates_from_the_stored_runs(tmp_path):
+  """experiments/muon_adam_lr: the sweep resumes every stored run (no training) and writes the same tables."""
+  import tarfile
+
+  from moejax.config import load_config
+  from moejax.sweep import run_sweep
+
+  here = EXPERIMENTS / "muon_adam_lr"
+  with tarfile.open(here / "runs.tar.gz") as tar:
+    tar.extractall(tmp_path, filter="data")
+  run_sweep(load_config(str(ROOT / "configs" / "tiny.py")), str(ROOT / "experiments" / "sweeps" / "muon_adam_lr.py"),
+            str(tmp_path))
+  tables = lambda text: text[text.index("## Summary"):text.index("## Plots")]
+  stored = (here / "results.md").read_text()
+  assert tables((tmp_path / "results.md").read_text()) == tables(stored)
+  assert "| muon | adam_lr_ratio=3 **best** | 1.9189 |" in stored  # the README's numbers are these
+  assert not list(tmp_path.glob("runs/*/*/checkpoints"))  # nothing was trained

@@ -124,10 +124,11 @@ def unavailable_because(name: str, platform: str | None = None) -> str | None:
 
 def resolve_backend(name: str, dropless: bool, expert_parallel: bool, platform: str | None = None) -> str:
   """``auto`` -> a grouped GEMM on TPU and GPU when dropless without expert
-  parallelism: ``tokamax`` where installed, else ``ragged_dot`` on TPU; in
-  every other case ``einsum``. Measured only on CPU (einsum fastest there);
-  the accelerator choices follow the kernels' design and are unmeasured
-  (``benchmarks/accelerator.py`` times every backend on one layer)."""
+  parallelism: ``tokamax`` where installed and usable (its GPU kernels fail
+  with JAX >= 0.11, seen on an H100: ``library_kernels.tokamax_problem``),
+  else ``ragged_dot`` on TPU; in every other case ``einsum``. Measured on CPU
+  (einsum fastest there); the per-backend comparison on a GPU or TPU is not
+  yet measured (``benchmarks/accelerator.py`` times every backend on one layer)."""
   if name != "auto":
     return name
   platform = platform or jax.default_backend()

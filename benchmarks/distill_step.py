@@ -1,6 +1,6 @@
 """Student step time with distillation (configs/distill_tiny.py), as ratios to plain LM training.
 
-  PYTHONPATH=. python benchmarks/distill_step.py [--rounds 12]
+  python benchmarks/distill_step.py [--rounds 12]
 
 Variants, all on the student of configs/distill_tiny.py, on one device:
   plain LM step         moejax.train.Experiment on the same domain batches (no teachers)
@@ -13,11 +13,14 @@ falls on all alike. Raw samples and provenance go to ``benchmarks/results/distil
 
 import argparse
 import copy
+import os
+import sys
 import tempfile
 
 import jax
 
-from benchmarks import train_step
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, for benchmarks.*
+from benchmarks import train_step  # noqa: E402
 from moejax.benchmarking import Results, interleaved, summary
 from moejax.config import load_config
 from moejax.distill import cache as cache_lib

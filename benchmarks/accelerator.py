@@ -321,16 +321,15 @@ def main(argv=None):
   # This process never opens the device: each case runs in a child that has it alone.
   print(f"accelerator suite{' [smoke]' if args.smoke else ''}: {', '.join(names)}", flush=True)
   overrides = tuple(args.set)
-  for name in names:  # a bad override fails here, before any device time is spent
-    case_config(name, args.smoke, overrides=overrides)
+  # Every case's config up front: a bad override fails here, before any device time is spent.
+  configs = {name: case_config(name, args.smoke, overrides=overrides) for name in names}
   results = Results("accelerator", params={"smoke": args.smoke, "cases": names, "steps": steps, "set": list(overrides)},
                     directory=args.results_dir)
   for name in names:
     rows, device = run_isolated(name, args.smoke, steps, overrides=overrides)
     results.add_rows([], **device)
     if "error" in rows[0] and device and any(
-        k in backends_used(case_config(name, args.smoke, overrides=overrides), device["platform"])
-        for k in ("tokamax", "cudnn")):
+        k in backends_used(configs[name], device["platform"]) for k in ("tokamax", "cudnn")):
       rows += run_isolated(name, args.smoke, steps, fallback=True, overrides=overrides)[0]  # the library kernel's failure is a result too
     for row in rows:
       if "error" not in row:

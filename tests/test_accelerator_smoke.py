@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.reliability import harness
+
 pytestmark = pytest.mark.slow(minutes=4)  # on 2 cores; the longest modules start first (tests/conftest.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,10 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
   out = tmp_path_factory.mktemp("accelerator")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-      "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("MOEJAX_TEST_XLA_FLAGS", "")}  # one device
   result = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--smoke", "--steps", "1",
-                           "--results-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                           "--results-dir", str(out)], cwd=ROOT, env=harness.env(), capture_output=True, text=True, timeout=900,
                           check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   (path,) = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f.endswith(".json")]

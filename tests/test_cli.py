@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.reliability import harness
+
 pytestmark = pytest.mark.slow(minutes=4)  # on 2 cores; the longest modules start first (tests/conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,9 +21,7 @@ SMALL = ["--config", "configs/tiny.py", "--config.model.num_layers=2", "--config
 
 
 def _env():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("MOEJAX_TEST_XLA_FLAGS", ""))  # one device
-  return env
+  return harness.env()  # one CPU device, the suite's compile flags
 
 
 def moejax(*args, **kwargs):

@@ -40,7 +40,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from moejax.benchmarking import Results
 from moejax.config import load_config
@@ -70,13 +69,7 @@ def config(seq_len: int, schedule: str = "v4"):
 def compiled_bytes(exp: Experiment, compiler_options: dict | None = None) -> int:
   """Peak buffer bytes of the compiled train step (arguments + outputs + temporaries - donated);
   ``compiler_options`` replace the experiment's own XLA options."""
-  cfg = exp.cfg
-  shape = (cfg.train.batch_size, cfg.data.seq_len)
-  sharding = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=sharding)
-           for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
-  with exp._context():
-    mem = exp._train_step.lower(exp.abstract_state, batch, exp.extra).compile(compiler_options).memory_analysis()
+  mem = exp.lower_train_step().compile(compiler_options).memory_analysis()
   return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 

@@ -30,12 +30,9 @@ import math
 import os
 import re
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from moejax.flops import model_flops, peak_flops
-from moejax.sharding import batch_sharding
 
 GiB = 2 ** 30
 # Per chip, from Google Cloud's TPU datasheets: HBM bytes, HBM bytes/s, ICI bytes/s (all links, one direction).
@@ -45,8 +42,6 @@ CHIPS = {
     "v5p": dict(hbm=95 * GiB, hbm_bw=2765e9, ici_bw=600e9),
     "v6e": dict(hbm=32 * GiB, hbm_bw=1640e9, ici_bw=448e9),
 }
-BATCH_KEYS = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32, "segment_ids": jnp.int32,
-              "positions": jnp.int32}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
@@ -160,20 +155,14 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str, devices=No
   """Lowers and compiles ``cfg``'s train step for ``topology`` on this machine; nothing runs."""
   import time
 
-  from flax import linen as nn
-
-  from moejax.sharding import LOGICAL_RULES
   from moejax.train import Experiment
 
   chip = chip_of(topology)
   devices = topology_devices(topology) if devices is None else devices
   exp = Experiment(cfg, devices=devices)
   batch, seq = cfg.train.batch_size, cfg.data.seq_len
-  sharding = batch_sharding(exp.mesh)
-  batch_structs = {k: jax.ShapeDtypeStruct((batch, seq), dtype, sharding=sharding) for k, dtype in BATCH_KEYS.items()}
   start = time.perf_counter()
-  with jax.set_mesh(exp.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    compiled = exp._train_step.lower(exp.abstract_state, batch_structs, None).compile()
+  compiled = exp.lower_train_step().compile()
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   memory = dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,

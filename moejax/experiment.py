@@ -25,6 +25,10 @@ from moejax.sharding import LOGICAL_RULES, batch_sharding, logical_sharding, mak
 from moejax.step import TrainState, make_eval_step, make_train_step
 from moejax.validation import validate
 
+# The arrays of one training batch, all [batch, seq_len] (``put_batch`` shards them over the batch axes).
+BATCH_KEYS = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32, "segment_ids": jnp.int32,
+              "positions": jnp.int32}
+
 
 def _shaped_boxes(opt_state):
   """Optimizer states built by mapping over boxed parameters carry the
@@ -58,6 +62,7 @@ class Experiment:
     boxed = jax.eval_shape(self._boxed_init, jax.random.key(0))
     self.state_shardings = logical_sharding(self.mesh, boxed)
     self.abstract_state = abstract_like(nn.meta.unbox(boxed), self.state_shardings)
+    self._init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_init(rng)), out_shardings=self.state_shardings)
 
     batch_shard = batch_sharding(self.mesh)
     # ``extra`` (the objective's frozen inputs, e.g. teacher parameters) keeps the sharding it was put in.
@@ -94,8 +99,23 @@ class Experiment:
   def init_state(self) -> TrainState:
     """Fresh state, initialised directly in its sharded layout."""
     with self._context():
-      init = jax.jit(lambda rng: nn.meta.unbox(self._boxed_init(rng)), out_shardings=self.state_shardings)
-      return init(jax.random.key(self.cfg.seed))
+      return self._init(jax.random.key(self.cfg.seed))
+
+  def lower_train_step(self, batch_size: int | None = None):
+    """The train step traced on abstract state and a ``[batch_size, data.seq_len]`` batch (default
+    ``train.batch_size``; ``ShapeDtypeStruct``s, nothing is allocated): ``.compile()`` gives the executable
+    ahead of time, called as ``compiled(state, put_batch(batch, exp.mesh), exp.extra)``, with its
+    ``memory_analysis()`` and ``cost_analysis()`` (``moejax compile``, ``benchmarks/accelerator.py``)."""
+    shape = (batch_size or self.cfg.train.batch_size, self.cfg.data.seq_len)
+    sharding = batch_sharding(self.mesh)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, dtype in BATCH_KEYS.items()}
+    with self._context():
+      return self._train_step.lower(self.abstract_state, batch, self.extra)
+
+  def lower_init(self):
+    """:meth:`init_state`'s program, traced ahead of time: ``.compile()(jax.random.key(cfg.seed))``."""
+    with self._context():
+      return self._init.lower(jax.random.key(self.cfg.seed))
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     with self._context():

@@ -156,9 +156,9 @@ def random_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def run_case(name: str, smoke: bool, steps: int, fallback: bool = False, overrides: tuple[str, ...] = (),
-             ready=lambda: None) -> dict:
-  """Compiles case ``name`` ahead of time (init and train step), calls ``ready()`` (the suite's turn to use
-  the device alone), then times ``steps`` steps after two warm-up steps."""
+             compile_only: bool = False) -> dict:
+  """Compiles case ``name`` ahead of time (train step and init), then times ``steps`` steps after two
+  warm-up steps; ``compile_only``: returns {case, compile_s} after compiling."""
   from moejax.sharding import put_batch
   from moejax.train import Experiment
 
@@ -169,7 +169,8 @@ def run_case(name: str, smoke: bool, steps: int, fallback: bool = False, overrid
   step = exp.lower_train_step().compile()
   compile_s = time.perf_counter() - start
   init = exp.lower_init().compile()
-  ready()
+  if compile_only:
+    return {"case": name, "compile_s": compile_s}
   state, rng, times = init(jax.random.key(cfg.seed)), np.random.default_rng(0), []
   for _ in range(steps + 2):
     batch = put_batch(random_batch(cfg, rng), exp.mesh)
@@ -189,7 +190,7 @@ def run_case(name: str, smoke: bool, steps: int, fallback: bool = False, overrid
           "backends": backends_used(cfg, device.platform), "loss": float(metrics["loss"]), "fallback": fallback}
 
 
-def run_layer_backends(smoke: bool, steps: int, ready=lambda: None) -> list[dict]:
+def run_layer_backends(smoke: bool, steps: int, compile_only: bool = False) -> list[dict]:
   """Every MoE dispatch backend that can run here (its optional package installed) on one layer, fwd + bwd,
   interleaved rounds (``benchmarks/moe_layer.py``), as ratios to a dense SwiGLU MLP of the same active
   FLOPs (width ``(top_k + shared) * expert width``). A backend that fails to compile is reported, not fatal."""
@@ -224,110 +225,83 @@ def run_layer_backends(smoke: bool, steps: int, ready=lambda: None) -> list[dict
       failed.append({"layer_backend": name, "tokens": tokens, "error": _last_line(e)})
       continue
     steps_fns[name] = lambda step=step: _timed(step)
-  ready()
+  if compile_only:
+    return [{"layer_backend": "layer", "compiled": list(steps_fns)}]
   samples = interleaved(steps_fns, steps)
   first = next(iter(samples))
   return [{"layer_backend": n, "tokens": tokens, **summary(s, samples[first])} for n, s in samples.items()] + failed
 
 
 def _last_line(e: BaseException) -> str:
-  return "".join(traceback.format_exception_only(e)).strip().splitlines()[-1][:500]
+  """``Type: first line of the message`` (JAX appends notes, such as its traceback filtering, after it)."""
+  message = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {message}"[:500]
 
 
-class Child:
-  """One case (or ``layer``) in its own process: its peak device memory is its own, and an out-of-memory or
-  a crashed compile is a row with the error instead of the end of the suite. The child compiles, says so
-  (``COMPILED``), and waits for :meth:`go` before it touches the device again, so the children of a wave
-  compile at once (the host's cores, not the device, bound compilation) and time their steps one at a time."""
-
-  def __init__(self, what: str, smoke: bool, steps: int, fallback: bool = False, overrides: tuple[str, ...] = ()):
-    import tempfile
-    import threading
-
-    self.what, self.fallback, self.device, self.rows = what, fallback, {}, []
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--steps", str(steps)]
-    cmd += ["--smoke"] * smoke + ["--fallback"] * fallback + [f"--set={o}" for o in overrides]
-    # Several processes share the device while they compile: each allocates what it uses, not 75% of it.
-    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} | dict(os.environ)
-    self._stderr = tempfile.TemporaryFile("w+")
-    self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-                                  env=env)
-    self.ready, self.ended = threading.Event(), threading.Event()  # ready: compiled or ended
-    threading.Thread(target=self._read, daemon=True).start()
-
-  def _read(self) -> None:
-    """Echoes the child's output and collects its protocol lines until it ends."""
-    for line in self._proc.stdout:
-      line = line.rstrip("\n")
-      if line == _COMPILED:
-        self.ready.set()
-      elif line.startswith(_ROWS):
-        self.rows.append(json.loads(line[len(_ROWS):]))
-      elif line.startswith(_DEVICE):
-        self.device = json.loads(line[len(_DEVICE):])
-      else:
-        print(line, flush=True)
-    self.ended.set()
-    self.ready.set()
-
-  def go(self, still_compiling: int) -> tuple[list[dict], dict]:
-    """Lets the (compiled or ended) child time its steps; returns its rows and its {platform, device_kind}
-    (empty if it never got that far). ``still_compiling``: how many other children were compiling then
-    (their autotuning may share the device with this child's timed steps), recorded in the rows."""
-    try:
-      self._proc.stdin.write("go\n")
-      self._proc.stdin.close()
-    except (BrokenPipeError, OSError):
-      pass  # it ended already; its exit status says how
-    self.ended.wait()
-    code = self._proc.wait()
-    self._stderr.seek(0)
-    stderr = self._stderr.read()
-    self._stderr.close()
-    if code or not self.rows:
-      error = _error_line(stderr) or f"exit status {code}"
-      print(f"  {self.what}: failed: {error}", flush=True)
-      self.rows = [{"case" if self.what != "layer" else "layer_backend": self.what, "error": error,
-                    "fallback": self.fallback, "returncode": code}]
-    for row in self.rows:
-      row["others_compiling"] = still_compiling
-    return self.rows, self.device
-
-  def kill(self) -> None:
-    if self._proc.poll() is None:
-      self._proc.kill()
+def run_isolated(what: str, smoke: bool, steps: int, fallback: bool = False, overrides: tuple[str, ...] = (),
+                 compile_only: bool = False, env: dict | None = None) -> tuple[list[dict], dict]:
+  """Runs one case (or ``layer``) in a fresh process: its peak device memory is its own, and an
+  out-of-memory or a crashed compile is a row with the error instead of the end of the suite.
+  Returns the rows and the child's {platform, device_kind} (empty if it never got that far)."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--steps", str(steps)]
+  cmd += ["--smoke"] * smoke + ["--fallback"] * fallback + ["--compile-only"] * compile_only
+  cmd += [f"--set={o}" for o in overrides]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  lines = proc.stdout.splitlines()
+  sys.stdout.write("".join(line + "\n" for line in lines if not line.startswith((_ROWS, _DEVICE))))
+  rows = [json.loads(line[len(_ROWS):]) for line in lines if line.startswith(_ROWS)]
+  device = next((json.loads(line[len(_DEVICE):]) for line in lines if line.startswith(_DEVICE)), {})
+  if proc.returncode or not rows:
+    error = _error_line(proc.stderr) or f"exit status {proc.returncode}"
+    print(f"  {what}{' (compiling)' * compile_only}: failed: {error}", flush=True)
+    return [{"case" if what != "layer" else "layer_backend": what, "error": error,
+             "fallback": fallback, "returncode": proc.returncode}], device
+  return rows, device
 
 
 def run_wave(jobs: list[tuple[str, bool]], smoke: bool, steps: int, overrides: tuple[str, ...], done,
-             compile_wait: float) -> float | None:
-  """Starts every ``(case or "layer", fallback)`` of ``jobs`` at once and waits until all have compiled
-  (or ``compile_wait`` seconds have passed), then lets the compiled ones time their steps one after another
-  (in ``jobs`` order), then the late ones as each finishes compiling; ``done(what, rows, device)`` after each.
-  Returns the seconds until the last child had compiled (None if some were still compiling at the wait's end)."""
+             compile_wait: float) -> dict[str, float]:
+  """Two phases over ``jobs`` (``(case or "layer", fallback)``), each job in its own processes:
+
+  1. every job compiles at once, each in a process that allocates device memory only while it uses it
+     (``XLA_PYTHON_CLIENT_ALLOCATOR=platform``: GPU autotuning in several processes at once fits), into
+     a persistent compilation cache; the host's cores, not the device, bound this phase;
+  2. the jobs run one after another, each alone on the device with JAX's default allocator, loading its
+     executables from that cache, and ``done(what, rows, device)`` reports each.
+
+  A job still compiling after ``compile_wait`` seconds compiles again in phase 2 (its row counts the
+  compilers then still running, ``others_compiling``). Returns each job's phase-1 compile seconds."""
+  import concurrent.futures
+  import tempfile
+
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="moejax-accelerator-cache-")
+  env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+         **os.environ, "JAX_COMPILATION_CACHE_DIR": cache}
+  compile_env = env | {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
   start = time.perf_counter()
-  children = [Child(what, smoke, steps, fallback, overrides) for what, fallback in jobs]
-  try:
-    for child in children:
-      child.ready.wait(max(0.0, compile_wait - (time.perf_counter() - start)))
-    late = sum(not c.ready.is_set() for c in children)
-    compiled_s = None if late else time.perf_counter() - start
-    print(f"  {len(children) - late} of {len(children)} compiled after {time.perf_counter() - start:.0f} s;"
-          " timing one at a time", flush=True)
-    waiting = list(children)
-    while waiting:
-      child = next((c for c in waiting if c.ready.is_set()), None)
-      if child is None:
-        time.sleep(0.5)
-        continue
-      waiting.remove(child)
-      done(child.what, *child.go(sum(not c.ready.is_set() for c in waiting)))
-    return compiled_s
-  finally:
-    for child in children:
-      child.kill()
+  pool = concurrent.futures.ThreadPoolExecutor(len(jobs))
+  compiling = {job: pool.submit(run_isolated, job[0], smoke, steps, job[1], overrides, True, compile_env)
+               for job in jobs}
+  concurrent.futures.wait(compiling.values(), timeout=compile_wait)
+  print(f"  {sum(f.done() for f in compiling.values())} of {len(jobs)} compiled after "
+        f"{time.perf_counter() - start:.0f} s; running one at a time", flush=True)
+  compile_s = {}
+  for job, future in compiling.items():
+    running = sum(not f.done() for f in compiling.values())
+    phase1 = future.result()[0][0] if future.done() else {}
+    rows, device = run_isolated(job[0], smoke, steps, job[1], overrides, env=env)
+    for row in rows:
+      row["others_compiling"] = running
+      if "case" in row and "error" not in row:
+        # the compile of phase 1 (in parallel with the others); this run's own came from the cache
+        row["compile_cached_s"], row["compile_s"] = row["compile_s"], phase1.get("compile_s")
+    compile_s[job[0]] = phase1.get("compile_s")
+    done(job[0], rows, device)
+  pool.shutdown(wait=False, cancel_futures=True)
+  return compile_s
 
 
-_ROWS, _DEVICE, _COMPILED = "ROWS ", "DEVICE ", "COMPILED"  # a child's protocol lines on stdout
+_ROWS, _DEVICE = "ROWS ", "DEVICE "  # a child's result lines on stdout
 
 
 def _error_line(stderr: str) -> str:
@@ -367,17 +341,11 @@ def table(record: dict) -> str:
   return "\n".join(lines)
 
 
-def _child(what: str, smoke: bool, steps: int, fallback: bool, overrides: tuple[str, ...]) -> None:
+def _child(what: str, smoke: bool, steps: int, fallback: bool, overrides: tuple[str, ...], compile_only: bool) -> None:
   device = jax.devices()[0]
   print(_DEVICE + json.dumps({"platform": device.platform, "device_kind": device.device_kind}), flush=True)
-
-  def ready():  # compiled: tell the suite, then wait for this child's turn on the device
-    print(_COMPILED, flush=True)
-    if not sys.stdin.readline():
-      sys.exit("the suite ended before this case's turn")
-
-  rows = run_layer_backends(smoke, steps, ready) if what == "layer" else \
-      [run_case(what, smoke, steps, fallback, overrides, ready)]
+  rows = run_layer_backends(smoke, steps, compile_only) if what == "layer" else \
+      [run_case(what, smoke, steps, fallback, overrides, compile_only)]
   for row in rows:
     print(_ROWS + json.dumps(row, default=float), flush=True)
 
@@ -399,13 +367,14 @@ def main(argv=None):
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override for every case, e.g. model.attention.xla_max_len=4096 (repeatable)")
   parser.add_argument("--compile-wait", type=float, default=240.0,
-                      help="seconds to wait for every case to compile before timing those that have (default 240)")
+                      help="seconds to wait for the parallel compiles before timing cases one at a time (default 240)")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # one case (or 'layer') in this process
   parser.add_argument("--fallback", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   steps = args.steps or (2 if args.smoke else 10)
   if args.child:
-    return _child(args.child, args.smoke, steps, args.fallback, tuple(args.set))
+    return _child(args.child, args.smoke, steps, args.fallback, tuple(args.set), args.compile_only)
   names = args.cases.split(",")
   unknown = sorted(set(names) - set(CASES))
   if unknown:
@@ -433,7 +402,7 @@ def main(argv=None):
   compiled_s = run_wave(jobs, args.smoke, steps, overrides, done, args.compile_wait)
   if retry:
     run_wave(retry, args.smoke, steps, overrides, done, args.compile_wait)
-  results.record["params"]["compiled_all_s"] = compiled_s
+  results.record["params"]["parallel_compile_s"] = compiled_s
   results.record["params"]["wall_s"] = time.perf_counter() - wall
   results.write()
   print(table(results.record))

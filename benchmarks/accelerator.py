@@ -1,7 +1,7 @@
 """One prepared accelerator suite: train steps at ~1B scale and the MoE dispatch backends, on one device.
 
   python benchmarks/accelerator.py                 # one H100 / one TPU chip: the full suite
-  python benchmarks/accelerator.py --smoke         # the same code at tiny sizes, CPU (~2 min on 2 cores)
+  python benchmarks/accelerator.py --smoke         # the same code at tiny sizes, CPU (~3 min on 2 cores)
   python benchmarks/accelerator.py --cases dense,moe8 --steps 5 --results-dir /tmp/r
 
 Train-step cases (bf16 compute, float32 parameters and AdamW moments unless stated,
@@ -16,23 +16,27 @@ random tokens, one device; median of ``--steps`` steps after two warm-up steps):
   (batch 4) and T = 32768 (batch 1, every block rematerialised).
 * ``moe8_muon``: ``moe8`` with Muon (AdamW on embeddings / head / router, as configured).
 
-Time: the target is 8 minutes on one H100. Compilation dominates: on an H100 (JAX 0.11.2) one
-case compiled for 30 s (dense) to 90 s (MoE on ``einsum``: a ``lax.switch`` over the dropless
-capacities), and run one after another the first suite had finished 2 of its 6 cases after 400 s.
-So every case (and the MoE layer comparison) starts at once, each in its own process: they
-compile ahead of time in parallel on the host's cores (``Experiment.lower_train_step``), then
-time their steps one at a time on the device, which no other case touches meanwhile. A case
-still compiling after ``--compile-wait`` seconds is timed when it is done, while the device may
-be shared with the compilers' autotuning; its row says how many were compiling
-(``others_compiling``). A case whose library kernel (tokamax MoE, cuDNN attention) fails is
-rerun on the pure-JAX paths and reported twice. Results are written after every case.
+Time: the target is 8 minutes on one H100; it is not met. Compilation dominates, and on a GPU
+it runs kernels (XLA's autotuning), so it does not parallelise across cases on one device. On an
+H100 (JAX 0.11.2) a case compiled alone in 30 s (dense) to 90 s (8 experts on ``einsum``: a
+``lax.switch`` over the dropless capacities; 64 experts took 172 s beside six other
+compiles), plus a few seconds to start its process. Two tries
+at compiling every case at once in its own process both lost: with JAX's default allocator the
+autotuners ran out of device memory (5 of 7 cases failed), and with the on-demand allocator 3
+of 4 had not finished compiling after 150 s (``docs/benchmarks.md`` § Accelerator suite). Run
+``--cases`` subsets under a short lease.
+
+Every case runs in a fresh process (the suite's own process never opens the device), so
+its peak memory is its own and an out-of-memory or a failed compile becomes a row with
+the error. A case whose library kernel (tokamax MoE, cuDNN attention) fails is rerun on
+the pure-JAX paths and reported twice. Results are written after every case.
 
 Each row: tokens/s, MFU (``moejax.flops`` model FLOPs, remat not counted, over the
 device's bf16 peak; unknown on CPU), peak device memory (``device.memory_stats()``
 ``peak_bytes_in_use``; not reported by the CPU backend), compile time (the train step's
-ahead-of-time lowering and compilation, in parallel with the other cases) and the MoE
-dispatch / attention kernel each case resolved to. Then every MoE dispatch backend on one layer (fwd + bwd, 16K tokens, d 2048, 64 experts top-6 of
-width 1408) side by side, as ratios to a dense SwiGLU MLP of the same active FLOPs.
+ahead-of-time lowering and compilation, ``Experiment.lower_train_step``) and the MoE
+dispatch / attention kernel each case resolved to. Then every MoE dispatch backend on one
+layer (fwd + bwd, 16K tokens, d 2048, 64 experts top-6 of width 1408) side by side, as ratios to a dense SwiGLU MLP of the same active FLOPs.
 
 Memory (reasoned, not compiled at full size on CPU, which takes longer than the suite):
 per parameter 4 (fp32 weights) + 4 (grads) + 8 (two Adam moments) = 16 bytes, so ~1B
@@ -42,9 +46,8 @@ runs in cuDNN on a GPU or chunked, so no [T, T] scores are kept): 16K x 2048 x 2
 ~ 1.3 GB per layer, ~21 GB for 16 layers, plus the SwiGLU/expert hidden ([16K, 5632] x 3)
 and the loss formed ``loss_chunk`` positions at a time: under 45 GB in all. ``v4_32k``
 rematerialises every block (only block inputs stay: 32K x 1024 x 2 B x 12 = 0.8 GB) so the
-compressed-attention temporaries of one block dominate. The cases time their steps one
-after another and only the one timing holds its state (the others hold their executables),
-so the largest single case must fit in 80 GB.
+compressed-attention temporaries of one block dominate. The cases run one after another
+and each frees its state before the next, so the largest single case must fit in 80 GB.
 """
 
 from __future__ import annotations
@@ -57,7 +60,6 @@ import re
 import subprocess
 import sys
 import time
-import traceback
 
 import jax
 import numpy as np
@@ -155,10 +157,9 @@ def random_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
           "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
 
 
-def run_case(name: str, smoke: bool, steps: int, fallback: bool = False, overrides: tuple[str, ...] = (),
-             compile_only: bool = False) -> dict:
+def run_case(name: str, smoke: bool, steps: int, fallback: bool = False, overrides: tuple[str, ...] = ()) -> dict:
   """Compiles case ``name`` ahead of time (train step and init), then times ``steps`` steps after two
-  warm-up steps; ``compile_only``: returns {case, compile_s} after compiling."""
+  warm-up steps."""
   from moejax.sharding import put_batch
   from moejax.train import Experiment
 
@@ -169,8 +170,6 @@ def run_case(name: str, smoke: bool, steps: int, fallback: bool = False, overrid
   step = exp.lower_train_step().compile()
   compile_s = time.perf_counter() - start
   init = exp.lower_init().compile()
-  if compile_only:
-    return {"case": name, "compile_s": compile_s}
   state, rng, times = init(jax.random.key(cfg.seed)), np.random.default_rng(0), []
   for _ in range(steps + 2):
     batch = put_batch(random_batch(cfg, rng), exp.mesh)
@@ -190,7 +189,7 @@ def run_case(name: str, smoke: bool, steps: int, fallback: bool = False, overrid
           "backends": backends_used(cfg, device.platform), "loss": float(metrics["loss"]), "fallback": fallback}
 
 
-def run_layer_backends(smoke: bool, steps: int, compile_only: bool = False) -> list[dict]:
+def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
   """Every MoE dispatch backend that can run here (its optional package installed) on one layer, fwd + bwd,
   interleaved rounds (``benchmarks/moe_layer.py``), as ratios to a dense SwiGLU MLP of the same active
   FLOPs (width ``(top_k + shared) * expert width``). A backend that fails to compile is reported, not fatal."""
@@ -225,8 +224,6 @@ def run_layer_backends(smoke: bool, steps: int, compile_only: bool = False) -> l
       failed.append({"layer_backend": name, "tokens": tokens, "error": _last_line(e)})
       continue
     steps_fns[name] = lambda step=step: _timed(step)
-  if compile_only:
-    return [{"layer_backend": "layer", "compiled": list(steps_fns)}]
   samples = interleaved(steps_fns, steps)
   first = next(iter(samples))
   return [{"layer_backend": n, "tokens": tokens, **summary(s, samples[first])} for n, s in samples.items()] + failed
@@ -238,67 +235,24 @@ def _last_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {message}"[:500]
 
 
-def run_isolated(what: str, smoke: bool, steps: int, fallback: bool = False, overrides: tuple[str, ...] = (),
-                 compile_only: bool = False, env: dict | None = None) -> tuple[list[dict], dict]:
+def run_isolated(what: str, smoke: bool, steps: int, fallback: bool = False,
+                 overrides: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
   """Runs one case (or ``layer``) in a fresh process: its peak device memory is its own, and an
   out-of-memory or a crashed compile is a row with the error instead of the end of the suite.
   Returns the rows and the child's {platform, device_kind} (empty if it never got that far)."""
   cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--steps", str(steps)]
-  cmd += ["--smoke"] * smoke + ["--fallback"] * fallback + ["--compile-only"] * compile_only
-  cmd += [f"--set={o}" for o in overrides]
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  cmd += ["--smoke"] * smoke + ["--fallback"] * fallback + [f"--set={o}" for o in overrides]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = proc.stdout.splitlines()
   sys.stdout.write("".join(line + "\n" for line in lines if not line.startswith((_ROWS, _DEVICE))))
   rows = [json.loads(line[len(_ROWS):]) for line in lines if line.startswith(_ROWS)]
   device = next((json.loads(line[len(_DEVICE):]) for line in lines if line.startswith(_DEVICE)), {})
   if proc.returncode or not rows:
     error = _error_line(proc.stderr) or f"exit status {proc.returncode}"
-    print(f"  {what}{' (compiling)' * compile_only}: failed: {error}", flush=True)
+    print(f"  {what}: failed: {error}", flush=True)
     return [{"case" if what != "layer" else "layer_backend": what, "error": error,
              "fallback": fallback, "returncode": proc.returncode}], device
   return rows, device
-
-
-def run_wave(jobs: list[tuple[str, bool]], smoke: bool, steps: int, overrides: tuple[str, ...], done,
-             compile_wait: float) -> dict[str, float]:
-  """Two phases over ``jobs`` (``(case or "layer", fallback)``), each job in its own processes:
-
-  1. every job compiles at once, each in a process that allocates device memory only while it uses it
-     (``XLA_PYTHON_CLIENT_ALLOCATOR=platform``: GPU autotuning in several processes at once fits), into
-     a persistent compilation cache; the host's cores, not the device, bound this phase;
-  2. the jobs run one after another, each alone on the device with JAX's default allocator, loading its
-     executables from that cache, and ``done(what, rows, device)`` reports each.
-
-  A job still compiling after ``compile_wait`` seconds compiles again in phase 2 (its row counts the
-  compilers then still running, ``others_compiling``). Returns each job's phase-1 compile seconds."""
-  import concurrent.futures
-  import tempfile
-
-  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="moejax-accelerator-cache-")
-  env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-         **os.environ, "JAX_COMPILATION_CACHE_DIR": cache}
-  compile_env = env | {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-  start = time.perf_counter()
-  pool = concurrent.futures.ThreadPoolExecutor(len(jobs))
-  compiling = {job: pool.submit(run_isolated, job[0], smoke, steps, job[1], overrides, True, compile_env)
-               for job in jobs}
-  concurrent.futures.wait(compiling.values(), timeout=compile_wait)
-  print(f"  {sum(f.done() for f in compiling.values())} of {len(jobs)} compiled after "
-        f"{time.perf_counter() - start:.0f} s; running one at a time", flush=True)
-  compile_s = {}
-  for job, future in compiling.items():
-    running = sum(not f.done() for f in compiling.values())
-    phase1 = future.result()[0][0] if future.done() else {}
-    rows, device = run_isolated(job[0], smoke, steps, job[1], overrides, env=env)
-    for row in rows:
-      row["others_compiling"] = running
-      if "case" in row and "error" not in row:
-        # the compile of phase 1 (in parallel with the others); this run's own came from the cache
-        row["compile_cached_s"], row["compile_s"] = row["compile_s"], phase1.get("compile_s")
-    compile_s[job[0]] = phase1.get("compile_s")
-    done(job[0], rows, device)
-  pool.shutdown(wait=False, cancel_futures=True)
-  return compile_s
 
 
 _ROWS, _DEVICE = "ROWS ", "DEVICE "  # a child's result lines on stdout
@@ -323,10 +277,12 @@ def table(record: dict) -> str:
   pct = lambda x: "unknown" if x is None else f"{x:.1%}"
   lines = ["| case | step ms (median) | tokens/s | MFU | peak memory GiB | compile s | backends |",
            "|---|---|---|---|---|---|---|"]
+  # ``others_compiling``: rows of the parallel-compile try (75f5490) measured while other cases compiled
+  beside = lambda r: f" (beside {r['others_compiling']} compiling)" if r.get("others_compiling") else ""
   for r in record["rows"]:
     if "case" not in r:
       continue
-    name = r["case"] + (" (pure-JAX fallback)" if r.get("fallback") else "")
+    name = r["case"] + (" (pure-JAX fallback)" if r.get("fallback") else "") + beside(r)
     if "error" in r:
       lines.append(f"| {name} | failed: {r['error'].replace('|', '/')[:160]} | | | | | |")
     else:
@@ -335,17 +291,16 @@ def table(record: dict) -> str:
   layer = [r for r in record["rows"] if "layer_backend" in r]
   if layer:
     lines += ["", "| MoE layer | fwd+bwd ms (median) | ratio to dense MLP (min-max) |", "|---|---|---|"]
-    lines += [f"| {r['layer_backend']} | failed: {r['error'].replace('|', '/')[:160]} | |" if "error" in r else
-              f"| {r['layer_backend']} | {r['median_s'] * 1e3:.2f} | {r['ratio']:.2f} "
+    lines += [f"| {r['layer_backend']}{beside(r)} | failed: {r['error'].replace('|', '/')[:160]} | |" if "error" in r else
+              f"| {r['layer_backend']}{beside(r)} | {r['median_s'] * 1e3:.2f} | {r['ratio']:.2f} "
               f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |" for r in layer]
   return "\n".join(lines)
 
 
-def _child(what: str, smoke: bool, steps: int, fallback: bool, overrides: tuple[str, ...], compile_only: bool) -> None:
+def _child(what: str, smoke: bool, steps: int, fallback: bool, overrides: tuple[str, ...]) -> None:
   device = jax.devices()[0]
   print(_DEVICE + json.dumps({"platform": device.platform, "device_kind": device.device_kind}), flush=True)
-  rows = run_layer_backends(smoke, steps, compile_only) if what == "layer" else \
-      [run_case(what, smoke, steps, fallback, overrides, compile_only)]
+  rows = run_layer_backends(smoke, steps) if what == "layer" else [run_case(what, smoke, steps, fallback, overrides)]
   for row in rows:
     print(_ROWS + json.dumps(row, default=float), flush=True)
 
@@ -359,51 +314,43 @@ def _report(name: str, row: dict) -> None:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, under a minute)")
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, ~3 minutes on 2 cores)")
   parser.add_argument("--cases", default=",".join(CASES), help="subset of: " + ", ".join(CASES))
   parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 10; smoke 2)")
   parser.add_argument("--no-layer", action="store_true", help="skip the MoE layer backends")
   parser.add_argument("--results-dir", default=RESULTS_DIR, help="where the raw JSON goes")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override for every case, e.g. model.attention.xla_max_len=4096 (repeatable)")
-  parser.add_argument("--compile-wait", type=float, default=240.0,
-                      help="seconds to wait for the parallel compiles before timing cases one at a time (default 240)")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # one case (or 'layer') in this process
   parser.add_argument("--fallback", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   steps = args.steps or (2 if args.smoke else 10)
   if args.child:
-    return _child(args.child, args.smoke, steps, args.fallback, tuple(args.set), args.compile_only)
+    return _child(args.child, args.smoke, steps, args.fallback, tuple(args.set))
   names = args.cases.split(",")
   unknown = sorted(set(names) - set(CASES))
   if unknown:
     parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
   # This process never opens the device: each case runs in a child that has it alone.
   print(f"accelerator suite{' [smoke]' if args.smoke else ''}: {', '.join(names)}", flush=True)
-  overrides, wall = tuple(args.set), time.perf_counter()
+  overrides = tuple(args.set)
   # Every case's config up front: a bad override fails here, before any device time is spent.
   configs = {name: case_config(name, args.smoke, overrides=overrides) for name in names}
   results = Results("accelerator", params={"smoke": args.smoke, "cases": names, "steps": steps, "set": list(overrides)},
                     directory=args.results_dir)
-  def done(what, rows, device):
-    if device:
-      results.add_rows([], **device)
+  for name in names:
+    rows, device = run_isolated(name, args.smoke, steps, overrides=overrides)
+    results.add_rows([], **device)
+    if "error" in rows[0] and device and any(
+        k in backends_used(configs[name], device["platform"]) for k in ("tokamax", "cudnn")):
+      rows += run_isolated(name, args.smoke, steps, fallback=True, overrides=overrides)[0]  # the library kernel's failure is a result too
     for row in rows:
-      if "error" not in row and "case" in row:
-        _report(what, row)
+      if "error" not in row:
+        _report(name, row)
     results.add_rows(rows)
     results.write()  # after every case: a run cut short keeps what it measured
-    if what != "layer" and "error" in rows[0] and not rows[0]["fallback"] and device and any(
-        k in backends_used(configs[what], device["platform"]) for k in ("tokamax", "cudnn")):
-      retry.append((what, True))  # the library kernel's failure is a result too; rerun on the pure-JAX paths
-
-  retry, jobs = [], [(name, False) for name in names] + [("layer", False)] * (not args.no_layer)
-  compiled_s = run_wave(jobs, args.smoke, steps, overrides, done, args.compile_wait)
-  if retry:
-    run_wave(retry, args.smoke, steps, overrides, done, args.compile_wait)
-  results.record["params"]["parallel_compile_s"] = compiled_s
-  results.record["params"]["wall_s"] = time.perf_counter() - wall
+  if not args.no_layer:
+    results.add_rows(run_isolated("layer", args.smoke, steps)[0])
   results.write()
   print(table(results.record))
   failed = [r.get("case", r.get("layer_backend")) for r in results.record["rows"] if "error" in r]

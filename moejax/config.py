@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",         # compute dtype
       param_dtype="float32",
       remat=("none",),         # none | full | dots | dots_no_batch | offload_dots; one, or one per layer
+      scan_layers=False,       # run the repeated layers as one nn.scan (moejax/models/scan.py): compile time
   ))
   # Residual: 1 stream is the plain pre-norm residual; N > 1 streams are
   # manifold-constrained hyper-connections (moejax/layers/hyper.py).

@@ -41,6 +41,7 @@ from flax import linen as nn
 
 from moejax.config import expand_schedule
 from moejax.models import build_model
+from moejax.models.scan import unrolled
 
 # bf16 dense peak FLOP/s per chip / GPU (vendor datasheets; sparsity not counted).
 PEAK_FLOPS = {
@@ -114,7 +115,7 @@ def attention_flops(model_cfg, attention_type: str, seq_len: int) -> float:
 
 def model_flops(model_cfg, seq_len: int) -> Flops:
   """:class:`Flops` of ``model_cfg`` (the ``model`` section) for rows of ``seq_len`` tokens."""
-  model = build_model(model_cfg)
+  model = build_model(unrolled(model_cfg))  # per-layer names, also under model.scan_layers
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   moe = model_cfg.moe
   expert_share = moe.top_k / moe.num_experts

@@ -36,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("act_expert", "expert"),
+    ("layers", None),        # stacked axis of scanned layers (model.scan_layers): not split; the others are
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),

@@ -20,6 +20,7 @@ import optax
 
 from moejax.grad_accum import first_micro, microbatched
 from moejax.layers.state import update_model_state
+from moejax.models.scan import plan_of, unstack
 from moejax.objective import Batch, ExtraObjective, Losses, Objective, forward, with_mtp_targets
 from moejax.optim import optimizer_metrics
 from moejax.tree_paths import flatten, layer_name
@@ -79,7 +80,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         finite, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
                               nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
-    metrics = step_metrics(losses, grad_norm, finite, new_state, updates, max_logits,
+    metrics = step_metrics(losses, grad_norm, finite, new_state, unstack(updates, plan_of(model.cfg)), max_logits,
                            {k: v / grad_accum_steps for k, v in layer_metrics.items()})
     return new_state, {**metrics, "learning_rate": schedule(state.step), "tokens": norm.total_weight}
 
@@ -103,7 +104,8 @@ def step_metrics(losses: Losses, grad_norm, finite, state: TrainState, updates, 
 
 
 def _per_layer_rms(updates) -> dict[str, jax.Array]:
-  """{"layer_0/update_rms": RMS of the parameter change over that top-level module}."""
+  """{"layer_0/update_rms": RMS of the parameter change over that top-level module} (``updates`` in the
+  unrolled layout: the train step unstacks scanned layers' slices, which XLA fuses into the reductions)."""
   sums: dict[str, list] = {}
   for path, u in flatten(updates).items():
     entry = sums.setdefault(f"{layer_name(path)}/update_rms", [0.0, 0])

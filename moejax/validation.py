@@ -26,6 +26,7 @@ from moejax.sharding import validate_mesh_dcn
 from moejax.distill.config import validate_distill
 from moejax.layers.attention import ATTENTION
 from moejax.layers.attention.checks import validate_attention, validate_qk_clip
+from moejax.models.scan import MAX_PERIOD, scan_plan
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import MoE  # noqa: F401  (registers the MoE types)
 from moejax.optim import OPTIMIZERS, SCHEDULES
@@ -88,6 +89,14 @@ def _validate_model(e: list[str], cfg: ml_collections.ConfigDict) -> None:
   for name in sorted(set(remat) - set(REMAT_POLICIES)):
     e.append(f"model.remat: {name!r} is not one of {REMAT_POLICIES}.")
   _check(e, m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0.")
+  if m.scan_layers and len(remat) == m.num_layers and not e:
+    _check(e, scan_plan(m) is not None,
+           "model.scan_layers=True but no run of layers repeats (a period of up to "
+           f"{MAX_PERIOD} layers of the same attention, MLP and remat kinds, at least twice); set "
+           "model.scan_layers=False.")
+    _check(e, cfg.optim.qk_clip_tau <= 0,
+           "optim.qk_clip_tau > 0 with model.scan_layers=True: QK-clip rescales per-layer projections and does "
+           "not read the stacked layout yet; set model.scan_layers=False or optim.qk_clip_tau=0.")
   _validate_hc_and_mtp(e, m, cfg.data.seq_len)
   for check in MLP.checks(types_in_use(m, "mlp")):
     e.extend(check(cfg))

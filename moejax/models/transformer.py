@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax.config import expand_schedule
 from moejax.layers import DTYPES
 from moejax.layers.hyper import collapse_streams, expand_streams
 from moejax.layers.norms import RMSNorm
 from moejax.models.block import ACT, Block, block_class
 from moejax.models.mtp import MTPModule, shift_left
+from moejax.models.scan import layer_kinds, plan_of, scanned_blocks
 
 
 class Hidden(NamedTuple):
@@ -68,9 +68,12 @@ class Transformer(nn.Module):
     x_BxTxD = nn.with_logical_constraint(jnp.take(embed_VxD, inputs_BxT, axis=0).astype(dtype), ACT)
 
     h = expand_streams(x_BxTxD, cfg.hc.streams)
-    schedule = zip(expand_schedule(cfg.attention_types, cfg.num_layers),
-                   expand_schedule(cfg.mlp_types, cfg.num_layers), expand_schedule(cfg.remat, cfg.num_layers))
-    for i, (attention_type, mlp_type, remat) in enumerate(schedule):
+    plan = plan_of(cfg)  # model.scan_layers: the repeated layers run as one nn.scan (moejax/models/scan.py)
+    for i, (attention_type, mlp_type, remat) in enumerate(layer_kinds(cfg)):
+      if plan and plan.prefix <= i < plan.scanned_end:
+        if i == plan.prefix:
+          h, _ = scanned_blocks(cfg, plan, decode_len)(h, positions_BxT, segment_ids_BxT, inputs_BxT)
+        continue
       block = Block if decode_len else block_class(remat)  # decoding: no remat (no backward pass)
       h = block(cfg, attention_type, mlp_type, name=f"layer_{i}")(
           h, positions_BxT, segment_ids_BxT, inputs_BxT, decode_len)  # static under remat (block_class)

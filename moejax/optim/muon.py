@@ -43,8 +43,8 @@ from moejax.optim.newton_schulz import COEFFICIENTS, newton_schulz, orthogonalit
 from moejax.optim.registry import OPTIMIZERS, ParamLayout, weight_decay_mask
 from moejax.tree_paths import by_path, flatten, layer_name, path_str
 
-# Logical axes along which a stack holds independent matrices (one per expert).
-STACK_AXES = ("expert",)
+# Logical axes along which a stack holds independent matrices (one per expert; one per scanned layer).
+STACK_AXES = ("expert", "layers")
 # A leaf with one of these logical axes goes to AdamW (embeddings, LM head).
 ADAM_AXES = ("vocab",)
 # Path patterns (``re.search`` on "layer_0/mlp/router/w_gate") sent to AdamW (the

@@ -33,8 +33,13 @@ class ParamLayout(NamedTuple):
 
 
 def weight_decay_mask(params):
-  """Decay matrices only: norms, biases and other 1-D leaves are exempt."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Decay matrices only: norms, biases and other 1-D leaves are exempt (under ``model.scan_layers`` a
+  scanned layer's leaves carry one more, leading, axis: ``moejax/models/scan.py``)."""
+  from moejax.models.scan import SCANNED
+  from moejax.tree_paths import path_str
+
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim - (path_str(path).split("/")[0] == SCANNED) >= 2, params)
 
 
 @SCHEDULES.register("constant")

@@ -5,7 +5,8 @@
   python benchmarks/accelerator.py --cases dense,moe8 --steps 5 --results-dir /tmp/r
 
 Train-step cases (bf16 compute, float32 parameters and AdamW moments unless stated,
-random tokens, one device; median of ``--steps`` steps after two warm-up steps):
+random tokens, one device, repeated layers scanned (``model.scan_layers``; the H100 rows of
+2026-11-27 predate that and are unrolled); median of ``--steps`` steps after two warm-up steps):
 
 * ``dense``: ~0.9B dense GQA model (16 layers, d 2048, 16 heads / 8 kv, SwiGLU 5632,
   vocab 32000) at T = 4096, batch 4.
@@ -24,7 +25,9 @@ compiles), plus a few seconds to start its process. Two tries
 at compiling every case at once in its own process both lost: with JAX's default allocator the
 autotuners ran out of device memory (5 of 7 cases failed), and with the on-demand allocator 3
 of 4 had not finished compiling after 150 s (``docs/benchmarks.md`` § Accelerator suite). Run
-``--cases`` subsets under a short lease.
+``--cases`` subsets under a short lease. The cases now scan their repeated layers, which on CPU
+halves the compile of a 17-layer model (``docs/benchmarks.md`` § Scanned layers); whether that
+brings the suite under 8 minutes on a GPU is not yet measured.
 
 Every case runs in a fresh process (the suite's own process never opens the device), so
 its peak memory is its own and an out-of-memory or a failed compile becomes a row with
@@ -70,6 +73,7 @@ from moejax.flops import mfu, model_flops, peak_flops
 from moejax.layers.attention import ATTENTION
 from moejax.layers.attention.options import attention_kernel
 from moejax.layers.moe_dispatch import BACKENDS, resolve_backend, unavailable_because
+from moejax.models.scan import scan_plan
 
 V4_SCHEDULE = ("hca", "hca") + ("csa", "hca") * 5
 
@@ -126,6 +130,8 @@ def case_config(name: str, smoke: bool, fallback: bool = False, overrides: tuple
     c.model.moe.backend = "einsum"
     c.model.attention.implementation = "chunked" if seq_len > c.model.attention.xla_max_len else "xla"
   c.model.dtype = "bfloat16"
+  # Repeated layers compile once (moejax/models/scan.py): 16 identical blocks, or V4's (hca, csa) pairs.
+  c.model.scan_layers = scan_plan(c.model) is not None
   c.data.seq_len = 256 if smoke else seq_len
   c.train.update(batch_size=2 if smoke else batch, steps=100, loss_chunk=1024)
   c.optim.update(name=optimizer, warmup_steps=0)
@@ -186,7 +192,8 @@ def run_case(name: str, smoke: bool, steps: int, fallback: bool = False, overrid
           "model_tflops_per_token": flops.train / 1e12,
           "mfu": mfu(flops.train, tokens / stats["median_s"], 1, peak) if peak else None,
           "peak_memory_bytes": memory, "compile_s": compile_s, "first_step_s": times[0],
-          "backends": backends_used(cfg, device.platform), "loss": float(metrics["loss"]), "fallback": fallback}
+          "backends": backends_used(cfg, device.platform), "scan_layers": cfg.model.scan_layers,
+          "loss": float(metrics["loss"]), "fallback": fallback}
 
 
 def run_layer_backends(smoke: bool, steps: int) -> list[dict]:

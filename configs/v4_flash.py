@@ -17,7 +17,8 @@ Assumed here (not in the published numbers we found): the layer schedule beyond 
 five ``compress_ratios`` (0, 0, 4, 128, 4): the two leading ratio-0 layers are read as
 sliding-window-only (``swa``) and the rest alternate CSA / HCA; the MTP module is a ``swa``
 block with a dense MLP of width 2048; float32 parameters with bfloat16 compute; Muon;
-every block rematerialised; the training batch (``train.batch_size``, default 64 x 4096 tokens).
+every block rematerialised; the repeated (HCA, CSA) pairs scanned (``model.scan_layers``); the
+training batch (``train.batch_size``, default 64 x 4096 tokens).
 The argument (moejax/config_variants.py grammar) sets the sequence length: ``t=65536``.
 """
 
@@ -34,7 +35,8 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.model.update(num_layers=LAYERS, d_model=4096, vocab_size=129280, num_heads=64, num_kv_heads=1, head_dim=512,
                  ffn_dim=2048, dtype="bfloat16", attention_types=SCHEDULE,
-                 mlp_types=("hash_moe",) * 3 + ("moe",) * (LAYERS - 3), remat=("full",))
+                 mlp_types=("hash_moe",) * 3 + ("moe",) * (LAYERS - 3), remat=("full",),
+                 scan_layers=True)  # layers 3-42, (hca, csa) x 20, traced and compiled once
   c.model.attention.update(
       window=128, sinks=True, q_lora_rank=1024, rope_dim=64, rope_layout="interleave",
       compress_rope_theta=160_000.0, csa_ratio=4, hca_ratio=128, o_groups=8, o_lora_rank=1024,

@@ -42,6 +42,7 @@ def test_every_case_and_backend_reports(record):
     assert r["compile_s"] > 0 and r["loss"] > 0
   assert cases["dense"]["backends"] == "moe -, attention xla"
   assert cases["moe8"]["backends"] == "moe einsum, attention xla"
+  assert cases["dense"]["scan_layers"] and not cases["v4_4k"]["scan_layers"]  # the smoke's V4 pair does not repeat
   layer = [r["layer_backend"].split()[0] for r in record["rows"] if "layer_backend" in r]
   assert layer == ["dense"] + [n for n in BACKENDS.names() if available(n)]  # the baseline first
   assert not [r for r in record["rows"] if "error" in r]

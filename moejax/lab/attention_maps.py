@@ -21,12 +21,16 @@ import numpy as np
 from moejax.config import expand_schedule
 from moejax.layers.attention import core, indexer
 from moejax.models import build_model
+from moejax.models.scan import plan_of, unrolled, unstack
 
 
 def selections(cfg, tokens_BxT, seed: int = 0, variables=None) -> dict[str, np.ndarray]:
   """See the module docstring; ``variables`` default to a fresh init from ``seed``."""
   m, a = cfg.model, cfg.model.attention
-  model = build_model(m)
+  plan = plan_of(m)  # model.scan_layers: read the layers unrolled (the same function, per-layer names)
+  model = build_model(unrolled(m))
+  if variables is not None:
+    variables = {k: unstack(v, plan) for k, v in variables.items()}
   tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
   if variables is None:
     from flax.linen import meta

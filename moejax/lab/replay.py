@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from moejax.layers.routers import REPLAY_COLLECTION
+from moejax.models.scan import plan_of, unstack
 from moejax.sharding import put_batch
 from moejax.objective import forward, routed_experts
 from moejax.train import Experiment
@@ -51,7 +52,8 @@ def model_routing(model, variables, batch) -> Routing:
   """:func:`routing_of` for a bare model and its variables (e.g. a converted Hugging Face checkpoint)."""
   _, sown = model.apply(variables, np.asarray(batch["inputs"]), capture_intermediates=lambda m, _: m.name == "router",
                         mutable=["intermediates", "metrics", "aux_loss", "stats", "max_stats"])
-  return {k: np.asarray(v) for k, v in routed_experts(sown["intermediates"], batch["inputs"].shape).items()}
+  captured = unstack(sown["intermediates"], plan_of(model.cfg))  # model.scan_layers: per layer again
+  return {k: np.asarray(v) for k, v in routed_experts(captured, batch["inputs"].shape).items()}
 
 
 def record_routing(exp: Experiment, state, batches) -> list[Routing]:

@@ -62,6 +62,9 @@ def check_upcycle(dense_cfg, moe_cfg, mode: str) -> list[int]:
     e.append(f"model.mlp_types {tuple(moe_types)} may only turn 'dense' layers of {tuple(dense_types)} into 'moe'.")
   if not layers:
     e.append(f"model.mlp_types={tuple(moe_types)} turns no dense layer into 'moe'; nothing to upcycle.")
+  if d.get("scan_layers") or m.get("scan_layers"):
+    e.append("model.scan_layers=True: upcycling reads and writes unrolled parameters (layer_i); upcycle with "
+             "scan_layers=False, then moejax.models.scan.stack the result if the MoE run scans.")
   f, fe = d.ffn_dim, m.moe.expert_ffn_dim
   if mode == "copy" and fe != f:
     e.append(f"mode='copy' needs model.moe.expert_ffn_dim == model.ffn_dim ({f}), got {fe}; or use "

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax.config import expand_schedule
+from moejax.models.block import Block, block_class
 
 SCANNED = "scanned"   # the module (and top-level variable key) holding the stacked blocks
 LAYERS_AXIS = "layers"  # logical axis name of the stacked dimension (never sharded)
@@ -106,8 +107,6 @@ class Period(nn.Module):
 
   @nn.compact
   def __call__(self, h, positions_BxT, segment_ids_BxT, token_ids_BxT):
-    from moejax.models.block import Block, block_class
-
     for j, (attention_type, mlp_type, remat) in enumerate(self.kinds):
       block = Block if self.decode_len else block_class(remat)
       h = block(self.cfg, attention_type, mlp_type, name=f"block_{j}")(

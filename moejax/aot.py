@@ -162,7 +162,10 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str, devices=No
   exp = Experiment(cfg, devices=devices)
   batch, seq = cfg.train.batch_size, cfg.data.seq_len
   start = time.perf_counter()
-  compiled = exp.lower_train_step().compile()
+  try:
+    compiled = exp.lower_train_step().compile()
+  except Exception as err:  # noqa: BLE001 -- only the compiler's out-of-memory refusal is translated
+    raise compiler_out_of_memory(err) or err from err
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   memory = dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
@@ -180,10 +183,23 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str, devices=No
                 collectives=collective_bytes(compiled.as_text()))
 
 
+FIT_ADVICE = ("use a larger topology, shard more (mesh.fsdp / mesh.expert / mesh.tensor), lower "
+              "train.batch_size or raise train.grad_accum_steps, or set model.remat=full.")
+
+
 def check_fits(report: Report) -> None:
   """Raises :class:`DoesNotFit` with what to change when the step needs more HBM than the chip has."""
   if not report.fits:
     raise DoesNotFit(f"the train step needs {report.memory['total'] / GiB:.1f} GiB per device, more than a "
-                     f"{report.chip} chip's {report.capacity / GiB:.0f} GiB: use a larger topology, shard more "
-                     "(mesh.fsdp / mesh.expert / mesh.tensor), lower train.batch_size or raise "
-                     "train.grad_accum_steps, or set model.remat=full.")
+                     f"{report.chip} chip's {report.capacity / GiB:.0f} GiB: {FIT_ADVICE}")
+
+
+def compiler_out_of_memory(err: Exception) -> DoesNotFit | None:
+  """The TPU compiler refuses a program that cannot fit HBM (``RESOURCE_EXHAUSTED: Ran out of memory on
+  HBM ...``) before any memory analysis exists: that refusal as :class:`DoesNotFit`, else None."""
+  text = str(err)
+  if "RESOURCE_EXHAUSTED" not in text or "memory" not in text:
+    return None
+  line = next((l.strip() for l in text.splitlines() if "RESOURCE_EXHAUSTED" in l), text.splitlines()[0])
+  return DoesNotFit(f"the TPU compiler ran out of HBM ({line.split('RESOURCE_EXHAUSTED:', 1)[-1].strip()}): "
+                    f"{FIT_ADVICE}")

@@ -308,9 +308,9 @@ def cmd_compile(argv: list[str]) -> int:
     aot.chip_of(fv["topology"].value)
   except ValueError as err:
     raise flags.Error(str(err)) from None
-  report = aot.compile_train_step(cfg, fv["topology"].value)
-  print(report)
   try:
+    report = aot.compile_train_step(cfg, fv["topology"].value)
+    print(report)
     aot.check_fits(report)
   except aot.DoesNotFit as err:
     print(f"moejax compile: does not fit: {err}", file=sys.stderr)

@@ -19,6 +19,7 @@ the schema holds a tuple; a section that is empty in the schema (such as
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,8 +55,28 @@ def _join(path: str, name: str) -> str:
   return f"{path}.{name}" if path else name
 
 
+@functools.cache
+def free_mappings() -> frozenset[str]:
+  """Dotted paths of the sections that are empty in the schema (``distill.domains``): free mappings."""
+  from moejax.config import base_config
+
+  found = set()
+
+  def walk(node: ml_collections.ConfigDict, path: str) -> None:
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict) and not len(value):
+        found.add(_join(path, key))
+      elif isinstance(value, ml_collections.ConfigDict):
+        walk(value, _join(path, key))
+
+  walk(base_config(), "")
+  return frozenset(found)
+
+
 def _set(node: ml_collections.ConfigDict, name: str, value: Any, path: str) -> None:
-  if not len(node) and name not in node:  # a free mapping (e.g. distill.domains): new entries as given
+  # A free mapping takes new entries as given; decided by the schema, not by what the node holds now
+  # (after its first entry the node is no longer empty).
+  if path in free_mappings() and name not in node:
     node[name] = ml_collections.ConfigDict(_tuples(value)) if isinstance(value, Mapping) else _tuples(value)
     return
   _check_known(node, name, path)

@@ -55,6 +55,15 @@ def test_chip_of_and_capacity_check():
     aot.check_fits(report)
 
 
+def test_the_tpu_compilers_out_of_memory_refusal_is_a_clear_does_not_fit():
+  err = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                     "(1.68T) exceeds available HBM (95.74G).")
+  does_not_fit = aot.compiler_out_of_memory(err)
+  assert isinstance(does_not_fit, aot.DoesNotFit)
+  assert "ran out of HBM (Ran out of memory on HBM" in str(does_not_fit) and "shard more" in str(does_not_fit)
+  assert aot.compiler_out_of_memory(RuntimeError("INVALID_ARGUMENT: bad shape")) is None
+
+
 def test_compile_tiny_config_for_v5p():
   """The train step of a 1-layer model compiled for 4 unattached v5p chips (the test command installs libtpu;
   under CI=true its absence fails, elsewhere it is a visible skip)."""

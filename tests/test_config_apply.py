@@ -34,7 +34,7 @@ def test_free_mapping_takes_new_entries():
 
 
 @pytest.mark.parametrize("updates, message", [
-    ({"model.num_layer": 2}, "model.num_layer is not a config field; did you mean model.num_layers?"),
+    ({"model.num_layer": 2}, "model.num_layer is not a config field; did you mean model.num_layers"),
     ({"optim": {"nmae": "adamw"}}, "optim.nmae is not a config field; did you mean optim.name?"),
     ({"modle": {}}, "modle is not a config field; did you mean model?"),
     ({"model.d_model.x": 1}, "model.d_model is a field, not a section"),
@@ -75,3 +75,15 @@ def test_a_saved_config_with_an_unknown_field_names_the_file(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model": {"num_layers": 2, "n_layers": 2}}))
   with pytest.raises(ConfigError, match=f"^{tmp_path}/config.json: model.n_layers is not a config field"):
     workdir_config(str(tmp_path))
+
+
+def test_a_free_mapping_takes_several_new_entries():
+  """distill.domains from a saved config.json with two domains (a distillation teacher's workdir): the
+  second entry must not be refused because the first one made the mapping non-empty."""
+  saved = {"distill": {"domains": {"asyncio": {"weight": 1.0}, "copy": {"weight": 2.0, "data": {"source": "copy"}}}}}
+  cfg = apply_config(base_config(), saved)
+  assert list(cfg.distill.domains) == ["asyncio", "copy"] and cfg.distill.domains.copy.weight == 2.0
+  apply_config(cfg, {"distill.domains.code": {"weight": 3.0}})  # a dotted key adds one more
+  assert cfg.distill.domains.code.weight == 3.0
+  with pytest.raises(ConfigError, match="distill.weight is not a config field"):
+    apply_config(cfg, {"distill": {"weight": 1.0}})  # distill itself is not free

@@ -77,3 +77,23 @@ def test_sweep_report_regenerates_from_the_stored_runs(tmp_path, experiment, swe
   assert tables((tmp_path / "results.md").read_text()) == tables(stored)
   assert best in stored  # the write-up's numbers are these
   assert not list(tmp_path.glob("runs/*/*/checkpoints"))  # nothing was trained
+
+
+@pytest.mark.parametrize("name, arms, last_step", [
+    ("distill", ("distilled", "labels", "generalist"), 200),
+    ("long_context", ("dense", "sliding", "dsa", "v4"), 500),
+    ("moe_balance", None, 200),
+])
+def test_every_arm_stores_its_per_step_curve_with_provenance(name, arms, last_step):
+  """results/<arm>.jsonl.gz: the logged metrics of every arm to its last step; meta.json names the commit."""
+  results = EXPERIMENTS / name / "results"
+  meta = json.loads((results / "meta.json").read_text())
+  assert len(meta["commit"]) == 40 and meta["command"] and meta["date"]
+  stored = {p.name[:-len(".jsonl.gz")]: p for p in results.glob("*.jsonl.gz")}
+  assert arms is None or sorted(stored) == sorted(arms)
+  for arm, path in stored.items():
+    with gzip.open(path, "rt") as f:
+      records = [json.loads(line) for line in f]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and steps[-1] == last_step and len(steps) >= 10, arm
+    assert all(r["loss"] > 0 for r in records if "loss" in r), arm

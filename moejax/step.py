@@ -20,7 +20,7 @@ import optax
 
 from moejax.grad_accum import first_micro, microbatched
 from moejax.layers.state import update_model_state
-from moejax.models.scan import plan_of, unstack
+from moejax.models.scan import plan_of, stack, unstack
 from moejax.objective import Batch, ExtraObjective, Losses, Objective, forward, with_mtp_targets
 from moejax.optim import optimizer_metrics
 from moejax.tree_paths import flatten, layer_name
@@ -73,14 +73,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits, obj_fn=objective_fn)
     params = optax.apply_updates(state.params, updates)
-    model_state = update_model_state(state.model_state, stats, model.cfg, state.step)
+    plan = plan_of(model.cfg)  # model.scan_layers: updates see per-layer trees (moejax/models/scan.py)
+    model_state = {k: stack(v, plan) for k, v in update_model_state(
+        {k: unstack(v, plan) for k, v in state.model_state.items()}, stats, model.cfg, state.step).items()}
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(losses.total) & jnp.isfinite(grad_norm)
     params, opt_state, model_state = keep_if_finite(
         finite, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
                               nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
-    metrics = step_metrics(losses, grad_norm, finite, new_state, unstack(updates, plan_of(model.cfg)), max_logits,
+    metrics = step_metrics(losses, grad_norm, finite, new_state, unstack(updates, plan), max_logits,
                            {k: v / grad_accum_steps for k, v in layer_metrics.items()})
     return new_state, {**metrics, "learning_rate": schedule(state.step), "tokens": norm.total_weight}
 

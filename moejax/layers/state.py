@@ -20,10 +20,7 @@ STATE_UPDATES = Registry("model-state update")
 
 def update_model_state(model_state: dict, stats: dict, model_cfg, step=0) -> dict:
   """Applies the registered update of every collection in ``model_state``. Updates see per-layer trees
-  (``layer_i``): under ``model.scan_layers`` the stacked state is unstacked around them
-  (``stats`` come unstacked from ``moejax.objective.forward``)."""
-  from moejax.models.scan import plan_of, stack, unstack
-
-  plan = plan_of(model_cfg)
-  return {name: stack(STATE_UPDATES.get(name)(unstack(tree, plan), stats, model_cfg, step), plan)
-          if name in STATE_UPDATES else tree for name, tree in model_state.items()}
+  (``layer_i``); under ``model.scan_layers`` the train step unstacks the state around this call
+  (``moejax/step.py``; ``stats`` come unstacked from ``moejax.objective.forward``)."""
+  return {name: STATE_UPDATES.get(name)(tree, stats, model_cfg, step) if name in STATE_UPDATES else tree
+          for name, tree in model_state.items()}

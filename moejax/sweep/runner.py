@@ -52,6 +52,17 @@ def _train_one(cfg_dict: dict, run_dir: str, overrides: dict, cache_dir: str | N
   return outcome
 
 
+def _with_defaults(recorded: dict, defaults: dict) -> dict:
+  """``recorded`` with every key it lacks taken from ``defaults``, at every depth."""
+  out = dict(recorded)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _with_defaults(out[key], value)
+  return out
+
+
 def _execute(runs: list[Run], cfgs: dict[str, ml_collections.ConfigDict], overrides: dict[str, dict],
              workdir: str, parallel: int) -> None:
   todo = []
@@ -60,7 +71,8 @@ def _execute(runs: list[Run], cfgs: dict[str, ml_collections.ConfigDict], overri
     done = os.path.join(run_dir, RESULT)
     if os.path.exists(done):
       with open(done) as f:
-        recorded = json.load(f)["config"]
+        # a field the run's record lacks was added to the schema since: it ran with that field's default
+        recorded = _with_defaults(json.load(f)["config"], json.loads(config_lib.to_json(config_lib.base_config())))
       wanted = json.loads(config_lib.to_json(cfgs[run.name]))
       diffs = [f"{sec}.{k}: {recorded.get(sec, {}).get(k)!r} there, {v!r} now"
                for sec, fields in wanted.items() if isinstance(fields, dict)

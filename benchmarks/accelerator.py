@@ -39,7 +39,8 @@ device's bf16 peak; unknown on CPU), peak device memory (``device.memory_stats()
 ``peak_bytes_in_use``; not reported by the CPU backend), compile time (the train step's
 ahead-of-time lowering and compilation, ``Experiment.lower_train_step``) and the MoE
 dispatch / attention kernel each case resolved to. Then every MoE dispatch backend on one
-layer (fwd + bwd, 16K tokens, d 2048, 64 experts top-6 of width 1408) side by side, as ratios to a dense SwiGLU MLP of the same active FLOPs.
+layer (fwd + bwd, 16K tokens, d 2048, 64 experts top-6 of width 1408) side by side, as
+ratios to a dense SwiGLU MLP of the same active FLOPs.
 
 Memory (reasoned, not compiled at full size on CPU, which takes longer than the suite):
 per parameter 4 (fp32 weights) + 4 (grads) + 8 (two Adam moments) = 16 bytes, so ~1B
@@ -227,8 +228,8 @@ def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
       step, _ = moejax_step(x, mlp_type, ml_collections.FrozenConfigDict(layer_cfg))
       step(), step()  # compile, then one untimed run (the first run after compiling is slow on CPU)
     except Exception as e:  # noqa: BLE001 -- a library kernel that fails here is a result to report
-      print(f"  MoE layer {name}: failed: {_last_line(e)}", flush=True)
-      failed.append({"layer_backend": name, "tokens": tokens, "error": _last_line(e)})
+      print(f"  MoE layer {name}: failed: {_exception_line(e)}", flush=True)
+      failed.append({"layer_backend": name, "tokens": tokens, "error": _exception_line(e)})
       continue
     steps_fns[name] = lambda step=step: _timed(step)
   samples = interleaved(steps_fns, steps)
@@ -236,7 +237,7 @@ def run_layer_backends(smoke: bool, steps: int) -> list[dict]:
   return [{"layer_backend": n, "tokens": tokens, **summary(s, samples[first])} for n, s in samples.items()] + failed
 
 
-def _last_line(e: BaseException) -> str:
+def _exception_line(e: BaseException) -> str:
   """``Type: first line of the message`` (JAX appends notes, such as its traceback filtering, after it)."""
   message = (str(e).strip().splitlines() or [""])[0]
   return f"{type(e).__name__}: {message}"[:500]

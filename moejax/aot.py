@@ -200,6 +200,6 @@ def compiler_out_of_memory(err: Exception) -> DoesNotFit | None:
   text = str(err)
   if "RESOURCE_EXHAUSTED" not in text or "memory" not in text:
     return None
-  line = next((l.strip() for l in text.splitlines() if "RESOURCE_EXHAUSTED" in l), text.splitlines()[0])
+  line = next((ln.strip() for ln in text.splitlines() if "RESOURCE_EXHAUSTED" in ln), text.splitlines()[0])
   return DoesNotFit(f"the TPU compiler ran out of HBM ({line.split('RESOURCE_EXHAUSTED:', 1)[-1].strip()}): "
                     f"{FIT_ADVICE}")

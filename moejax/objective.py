@@ -20,7 +20,7 @@ from moejax.layers.routers import replay_variables
 from moejax.losses import chunked_token_stats
 from moejax.models import Hidden
 from moejax.models.mtp import mtp_targets
-from moejax.models.scan import plan_of, stack, unstack
+from moejax.models.scan import plan_of, stack_collections, unstack_collections
 from moejax.tree_paths import flatten
 
 Batch = dict[str, jax.Array]
@@ -70,11 +70,11 @@ def forward(model: nn.Module, params, model_state, batch: Batch, loss_chunk: int
   """
   capture = (lambda module, _: module.name == "router") if capture_experts else False
   plan = plan_of(model.cfg)  # model.scan_layers: what the scanned layers sow is stacked; give it per layer
-  replay = {k: stack(v, plan) for k, v in replay_variables(batch).items()}
+  replay = stack_collections(replay_variables(batch), plan)
   hidden, sown = model.apply(
       {"params": params, **model_state, **replay}, batch["inputs"], batch["positions"], batch["segment_ids"],
       return_hidden=True, mutable=list(SOWN), capture_intermediates=capture)
-  sown = {k: unstack(v, plan) for k, v in sown.items()}
+  sown = unstack_collections(sown, plan)
   ce_BxT, correct_BxT = chunked_token_stats(hidden.x_BxTxD, hidden.head_DxV, batch["targets"], loss_chunk)
   batch = with_mtp_targets(batch, len(hidden.mtp))
   mtp_y_BxLxT, mtp_w_BxLxT = batch[MTP_TARGETS], batch[MTP_WEIGHTS]

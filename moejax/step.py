@@ -20,7 +20,7 @@ import optax
 
 from moejax.grad_accum import first_micro, microbatched
 from moejax.layers.state import update_model_state
-from moejax.models.scan import plan_of, stack, unstack
+from moejax.models.scan import plan_of, stack_collections, unstack, unstack_collections
 from moejax.objective import Batch, ExtraObjective, Losses, Objective, forward, with_mtp_targets
 from moejax.optim import optimizer_metrics
 from moejax.tree_paths import flatten, layer_name
@@ -74,8 +74,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     updates, opt_state = tx.update(grads, state.opt_state, state.params, max_logits=max_logits, obj_fn=objective_fn)
     params = optax.apply_updates(state.params, updates)
     plan = plan_of(model.cfg)  # model.scan_layers: updates see per-layer trees (moejax/models/scan.py)
-    model_state = {k: stack(v, plan) for k, v in update_model_state(
-        {k: unstack(v, plan) for k, v in state.model_state.items()}, stats, model.cfg, state.step).items()}
+    model_state = stack_collections(update_model_state(
+        unstack_collections(state.model_state, plan), stats, model.cfg, state.step), plan)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(losses.total) & jnp.isfinite(grad_norm)
     params, opt_state, model_state = keep_if_finite(

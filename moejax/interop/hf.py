@@ -167,14 +167,14 @@ def _place(reader, model, model_type: str, mesh=None, shardings=None) -> dict:
   """Assembles every variable of ``model`` from ``reader`` (``names()``, ``reader(name) -> numpy``),
   one at a time, cast to the variable's dtype and put with its sharding. Under ``model.scan_layers``
   the layers are read unrolled, then stacked (``moejax/models/scan.py``)."""
-  from moejax.models.scan import plan_of, stack, unrolled
+  from moejax.models.scan import plan_of, stack_collections, unrolled
   from moejax.models.transformer import build_model
   from moejax.sharding import logical_sharding
 
   if plan := plan_of(model.cfg):
     if shardings is None and mesh is not None:
       shardings = logical_sharding(mesh, _abstract_variables(model))
-    variables = {k: stack(v, plan) for k, v in _place(reader, build_model(unrolled(model.cfg)), model_type).items()}
+    variables = stack_collections(_place(reader, build_model(unrolled(model.cfg)), model_type), plan)
     return variables if shardings is None else jax.tree.map(jax.device_put, variables, shardings)
   m = model.cfg
   arch = _arch(model_type)
@@ -252,11 +252,11 @@ def hf_tensors(model, variables, model_type: str | None = None, dtype: str | Non
   kept in another dtype on purpose (float32 routers, mHC weights, biases) keep it,
   so a round trip is exact.
   """
-  from moejax.models.scan import plan_of, unrolled, unstack
+  from moejax.models.scan import plan_of, unrolled, unstack_collections
   from moejax.models.transformer import build_model
 
   if plan := plan_of(model.cfg):  # model.scan_layers: export the unrolled layout
-    model, variables = build_model(unrolled(model.cfg)), {k: unstack(v, plan) for k, v in variables.items()}
+    model, variables = build_model(unrolled(model.cfg)), unstack_collections(variables, plan)
   m = _model_section(model.cfg)
   model_type = model_type or infer_model_type(m)
   arch = _arch(model_type)

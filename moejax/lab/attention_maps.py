@@ -21,7 +21,7 @@ import numpy as np
 from moejax.config import expand_schedule
 from moejax.layers.attention import core, indexer
 from moejax.models import build_model
-from moejax.models.scan import plan_of, unrolled, unstack
+from moejax.models.scan import plan_of, unrolled, unstack_collections
 
 
 def selections(cfg, tokens_BxT, seed: int = 0, variables=None) -> dict[str, np.ndarray]:
@@ -30,7 +30,7 @@ def selections(cfg, tokens_BxT, seed: int = 0, variables=None) -> dict[str, np.n
   plan = plan_of(m)  # model.scan_layers: read the layers unrolled (the same function, per-layer names)
   model = build_model(unrolled(m))
   if variables is not None:
-    variables = {k: unstack(v, plan) for k, v in variables.items()}
+    variables = unstack_collections(variables, plan)
   tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
   if variables is None:
     from flax.linen import meta

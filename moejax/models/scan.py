@@ -13,19 +13,20 @@ Flash step took over 15 minutes to trace on a 2-core machine). With
     layer_{...} ..                        the rest, unrolled
 
 choosing the split that scans the most layers (then the shortest period). The
-scanned model computes exactly what the unrolled one does: the blocks, their
-order and their parameters are the same, stored stacked. :func:`stack` and
-:func:`unstack` convert any variable tree between the two layouts
-(``tests/models/test_scan.py`` checks logits, gradients and a Muon train step
-against the unrolled model).
+scanned model computes what the unrolled one does: the blocks, their order and
+their parameters are the same, stored stacked. :func:`stack` and :func:`unstack`
+(one collection) and :func:`stack_collections` / :func:`unstack_collections`
+(a dict of collections) convert between the two layouts
+(``tests/models/test_scan.py`` checks logits, gradients, train steps and
+optimizer updates against the unrolled model).
 
 Outside the model, the stacked layout shows in the parameters, the optimizer
-state, checkpoints and ``layer_i``-named diagnostics (``scanned/update_rms``
-is one number for all scanned layers). What layers sow (losses, router loads,
-metrics, max logits, captured router outputs) is unstacked right after the
-forward pass (``moejax/objective.py``), and the router-bias update works on the
-unstacked view (``moejax/layers/state.py``), so those keep their per-layer
-``layer_i`` names.
+state, checkpoints and the optimizer's own per-module diagnostics
+(``scanned/ns_error``). What layers sow (losses, router loads, metrics, max
+logits, captured router outputs) is unstacked right after the forward pass
+(``moejax/objective.py``); the train step unstacks the model state around its
+update and the updates for ``layer_i/update_rms`` (``moejax/step.py``), so those
+keep their per-layer ``layer_i`` names.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def scanned_blocks(cfg, plan: ScanPlan, decode_len: int) -> nn.Module:
 
 def stack(tree: dict, plan: ScanPlan | None) -> dict:
   """One unrolled variable collection ({"layer_i": ...}) -> the scanned layout of ``plan`` (unchanged
-  when ``plan`` is None). ``{k: stack(v, plan) for k, v in variables.items()}`` for all collections."""
+  when ``plan`` is None); :func:`stack_collections` for all collections."""
   if plan is None:
     return tree
   out = {k: v for k, v in tree.items() if not _scanned_layer(k, plan)}
@@ -139,6 +140,16 @@ def stack(tree: dict, plan: ScanPlan | None) -> dict:
   if blocks:
     out[SCANNED] = blocks
   return out
+
+
+def stack_collections(variables: dict, plan: ScanPlan | None) -> dict:
+  """:func:`stack` of every collection of ``variables`` ({"params": ..., "router_bias": ...})."""
+  return {name: stack(tree, plan) for name, tree in variables.items()}
+
+
+def unstack_collections(variables: dict, plan: ScanPlan | None) -> dict:
+  """:func:`unstack` of every collection of ``variables``."""
+  return {name: unstack(tree, plan) for name, tree in variables.items()}
 
 
 def unstack(tree: dict, plan: ScanPlan | None) -> dict:
@@ -159,4 +170,3 @@ def _scanned_layer(key: str, plan: ScanPlan) -> bool:
 
 def _layer_order(key: str):
   return (0, int(key.removeprefix("layer_")), "") if key.startswith("layer_") else (1, 0, key)
-

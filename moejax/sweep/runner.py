@@ -66,13 +66,14 @@ def _with_defaults(recorded: dict, defaults: dict) -> dict:
 def _execute(runs: list[Run], cfgs: dict[str, ml_collections.ConfigDict], overrides: dict[str, dict],
              workdir: str, parallel: int) -> None:
   todo = []
+  defaults = json.loads(config_lib.to_json(config_lib.base_config()))  # what a field missing from a record ran with
   for run in runs:
     run_dir = os.path.join(workdir, "runs", run.name)
     done = os.path.join(run_dir, RESULT)
     if os.path.exists(done):
       with open(done) as f:
         # a field the run's record lacks was added to the schema since: it ran with that field's default
-        recorded = _with_defaults(json.load(f)["config"], json.loads(config_lib.to_json(config_lib.base_config())))
+        recorded = _with_defaults(json.load(f)["config"], defaults)
       wanted = json.loads(config_lib.to_json(cfgs[run.name]))
       diffs = [f"{sec}.{k}: {recorded.get(sec, {}).get(k)!r} there, {v!r} now"
                for sec, fields in wanted.items() if isinstance(fields, dict)

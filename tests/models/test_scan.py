@@ -13,7 +13,8 @@ from moejax.config import ConfigError, load_config
 from moejax.generate import sample
 from moejax.interop import hf
 from moejax.models import build_model
-from moejax.models.scan import ScanPlan, plan_of, scan_plan, stack, unrolled, unstack
+from moejax.models.scan import (ScanPlan, plan_of, scan_plan, stack, stack_collections, unrolled, unstack,
+                                unstack_collections)
 from moejax.step import TrainState
 from moejax.validation import validate
 
@@ -27,10 +28,6 @@ def _cfg(spec: str, **model):
 
 def _tokens(cfg, shape=(2, 64), seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.model.vocab_size, shape), jnp.int32)
-
-
-def _stack_all(variables, plan):
-  return {k: stack(v, plan) for k, v in variables.items()}
 
 
 def test_plan_scans_the_longest_repeated_run():
@@ -84,10 +81,10 @@ def test_logits_and_gradients_equal_the_unrolled_model(spec, model):
     aux = sum(jnp.sum(a) for a in jax.tree.leaves(sown))
     return jnp.mean(jnp.square(hidden.x_BxTxD)) + sum(jnp.mean(h) for h in hidden.mtp) + aux
 
-  chex.assert_trees_all_close(scanned.apply(_stack_all(variables, plan), x), flat.apply(variables, x),
+  chex.assert_trees_all_close(scanned.apply(stack_collections(variables, plan), x), flat.apply(variables, x),
                               atol=2e-5, rtol=2e-5)
   grads_flat = jax.grad(loss, argnums=1)(flat, params, state)
-  grads_scanned = jax.grad(loss, argnums=1)(scanned, stack(params, plan), _stack_all(state, plan))
+  grads_scanned = jax.grad(loss, argnums=1)(scanned, stack(params, plan), stack_collections(state, plan))
   chex.assert_trees_all_close(unstack(grads_scanned, plan), grads_flat, atol=2e-6, rtol=2e-4)
 
 
@@ -96,7 +93,7 @@ def _state_like(exp, flat_state, plan):
   flat_state = jax.tree.map(jnp.copy, flat_state)  # nothing shared with the state the unrolled step donates
   params = stack(flat_state.params, plan)
   state = TrainState(step=flat_state.step, params=params, opt_state=exp.tx.init(params),
-                     model_state=_stack_all(flat_state.model_state, plan), nonfinite_steps=flat_state.nonfinite_steps)
+                     model_state=stack_collections(flat_state.model_state, plan), nonfinite_steps=flat_state.nonfinite_steps)
   return jax.device_put(state, exp.state_shardings)
 
 
@@ -131,7 +128,7 @@ def test_train_steps_equal_the_unrolled_model_sharded(devices):
     state, metrics = exp.train_step(state, _batch(exp.cfg, step))
   chex.assert_trees_all_close(unstack(jax.device_get(state.params), plan), jax.device_get(flat_state.params),
                               atol=1e-7, rtol=1e-6)
-  bias = {k: unstack(v, plan) for k, v in jax.device_get(state.model_state).items()}
+  bias = unstack_collections(jax.device_get(state.model_state), plan)
   chex.assert_trees_all_close(bias, jax.device_get(flat_state.model_state), atol=1e-7)
   assert jnp.any(flat_state.model_state["router_bias"]["layer_1"]["mlp"]["router"]["bias"] != 0)  # it moved
   per_layer = lambda m: {k: v for k, v in m.items() if k.startswith("layer_")}  # keep their layer_i names
@@ -165,7 +162,7 @@ def test_decoding_equals_the_unrolled_model():
                if k in ("params", "router_bias", "hash_table")}
   run = lambda model, v: sample(model, v, prompts, jnp.array([16, 11]), rng=jax.random.key(0), max_new_tokens=8,
                                 temperature=0.0)
-  out_flat, out_scanned = run(flat, variables), run(scanned, _stack_all(variables, plan))
+  out_flat, out_scanned = run(flat, variables), run(scanned, stack_collections(variables, plan))
   np.testing.assert_array_equal(out_scanned.tokens_BxN, out_flat.tokens_BxN)
   np.testing.assert_array_equal(out_scanned.lengths_B, out_flat.lengths_B)
 
@@ -178,7 +175,7 @@ def test_hugging_face_tensors_are_the_unrolled_models():
   variables = {k: v for k, v in nn.meta.unbox(flat.init(jax.random.key(0), _tokens(cfg))).items()
                if k in hf.COLLECTIONS}
   config_flat, tensors_flat = hf.hf_tensors(flat, variables)
-  config_scanned, tensors_scanned = hf.hf_tensors(scanned, _stack_all(variables, plan))
+  config_scanned, tensors_scanned = hf.hf_tensors(scanned, stack_collections(variables, plan))
   tensors_flat, tensors_scanned = dict(tensors_flat), dict(tensors_scanned)
   assert config_scanned == config_flat and sorted(tensors_scanned) == sorted(tensors_flat)
   for name, array in tensors_flat.items():
@@ -189,4 +186,4 @@ def test_hugging_face_tensors_are_the_unrolled_models():
     __call__ = lambda self, name: np.asarray(tensors_flat[name])
 
   loaded = hf._place(Reader(), scanned, config_flat["model_type"])
-  chex.assert_trees_all_equal(loaded, _stack_all(variables, plan))
+  chex.assert_trees_all_equal(loaded, stack_collections(variables, plan))

@@ -72,7 +72,7 @@ from moejax.benchmarking import RESULTS_DIR, Results, summary
 from moejax.config import base_config
 from moejax.flops import mfu, model_flops, peak_flops
 from moejax.layers.attention import ATTENTION
-from moejax.layers.attention.options import attention_kernel
+from moejax.layers.attention.options import attention_kernel, xla_max_len
 from moejax.layers.moe_dispatch import BACKENDS, resolve_backend, unavailable_because
 from moejax.models.scan import scan_plan
 
@@ -129,7 +129,7 @@ def case_config(name: str, smoke: bool, fallback: bool = False, overrides: tuple
   build(c, smoke)
   if fallback:
     c.model.moe.backend = "einsum"
-    c.model.attention.implementation = "chunked" if seq_len > c.model.attention.xla_max_len else "xla"
+    c.model.attention.implementation = "chunked" if seq_len > xla_max_len(c.model) else "xla"
   c.model.dtype = "bfloat16"
   # Repeated layers compile once (moejax/models/scan.py): 16 identical blocks, or V4's (hca, csa) pairs.
   c.model.scan_layers = scan_plan(c.model) is not None

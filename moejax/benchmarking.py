@@ -17,14 +17,19 @@ the machine (CPU model, cores, memory, JAX backend and devices) and the load ave
 
 from __future__ import annotations
 
+import collections
 import datetime
+import glob
+import gzip
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -171,3 +176,39 @@ def latest(benchmark: str, directory: str = RESULTS_DIR, **params: Any) -> dict[
       if all(record.get("params", {}).get(k) == v for k, v in params.items()):
         return record
   return None
+
+
+def top_ops(fn, *args, repeats: int = 3, count: int = 20) -> list[dict[str, Any]]:
+  """Where a jitted ``fn(*args)`` spends its time, by XLA op: a ``jax.profiler`` trace of ``repeats``
+  calls (after one warm-up), the ``count`` ops with the most time per call.
+
+  Each row: ``{"op", "ms_per_call", "calls", "shape", "source"}``; ``shape`` and ``source`` (the
+  JAX operation and module path XLA records as ``op_name``) come from the compiled HLO, so a fusion
+  reads as the einsum or layer it came from. Leaf ops only: no Python frames, executor spans, or
+  while/conditional ops (whose spans hold their bodies' ops, which are counted themselves).
+  """
+  import jax
+
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(repeats):
+        jax.block_until_ready(fn(*args))
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+  hlo = fn.lower(*args).compile().as_text()
+  defs = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.-]+) = (.*)$", hlo, re.M)}
+  total, calls = collections.Counter(), collections.Counter()
+  control_flow = re.compile(r"\s(while|conditional|call)\(")  # their spans hold their bodies' ops
+  for e in events:
+    if e.get("ph") == "X" and "dur" in e and e["name"] in defs and not control_flow.search(defs[e["name"]]):
+      total[e["name"]] += e["dur"]
+      calls[e["name"]] += 1
+  rows = []
+  for name, us in total.most_common(count):
+    text = defs[name]
+    source = re.search(r'op_name="([^"]*)"', text)
+    rows.append({"op": name, "ms_per_call": us / 1e3 / repeats, "calls": calls[name] / repeats,
+                 "shape": text.split(" ", 1)[0], "source": source.group(1) if source else ""})
+  return rows

@@ -70,3 +70,18 @@ def test_generated_blocks_name_their_raw_results(doc):
   for block in text.split("<!-- table: ")[1:]:
     body = block.split("<!-- /table -->")[0]
     assert "raw: `benchmarks/results/" in body and "load average" in body
+
+
+def test_top_ops_names_the_costly_op_and_its_source():
+  import jax
+  import jax.numpy as jnp
+
+  @jax.jit
+  def f(a, b):
+    return jnp.tanh(jnp.einsum("ij,jk->ik", a, b)).sum()
+
+  a = jnp.ones((256, 256), jnp.float32)
+  rows = benchmarking.top_ops(f, a, a, repeats=2, count=5)
+  assert rows and all(r["ms_per_call"] > 0 and r["calls"] >= 1 for r in rows)
+  assert rows == sorted(rows, key=lambda r: -r["ms_per_call"])
+  assert all(r["source"].startswith("jit(f)/") for r in rows)  # the JAX operation each op came from

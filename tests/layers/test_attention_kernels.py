@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moejax.layers.attention import ATTENTION
-from moejax.layers.attention.options import attention_kernel
+from moejax.layers.attention.options import attention_kernel, flash_block
 from tests.helpers import tiny_model_cfg
 from tests.layers.test_attention import POSITIONS, SEGMENTS, _init, _inputs
 from tests.oracle import require
@@ -75,11 +75,29 @@ def test_cudnn_equals_xla_in_value_and_gradient(case):
     ("gpu", {"head_dim": 256}, True, 64, "xla"),      # auto keeps to head dims every cuDNN GPU runs
     ("gpu", {}, False, 64, "xla"),                    # a type without library kernels (mla, swa)
     ("tpu", {}, True, 64, "xla"),
+    ("tpu", {}, True, 2048, "xla"),
+    ("tpu", {}, True, 2050, "chunked"),
     ("cpu", {}, True, 64, "xla"),
+    ("cpu", {}, True, 256, "xla"),
+    ("cpu", {}, True, 258, "chunked"),              # XLA:CPU writes every pass over [T, T] to memory
+    ("cpu", {}, False, 1024, "chunked"),
+    ("cpu", {"attention": {"xla_max_len": 4096}}, True, 1024, "xla"),  # a set value holds everywhere
+    ("gpu", {"attention": {"xla_max_len": 0}}, False, 64, "chunked"),
 ])
 def test_auto_picks_the_kernel_per_platform(platform, fields, library, seq_len, expected):
   cfg = tiny_model_cfg(**{"dtype": "bfloat16", **fields})
   assert attention_kernel(cfg, seq_len, library, platform) == expected
+
+
+@pytest.mark.parametrize("platform,fields,expected", [
+    ("cpu", {}, 256),                                               # auto on CPU: 256-token blocks
+    ("cpu", {"attention": {"chunk_size": 128}}, 128),
+    ("cpu", {"attention": {"implementation": "chunked"}}, 512),     # an explicit kernel keeps chunk_size
+    ("gpu", {}, 512),
+    ("tpu", {}, 512),
+])
+def test_flash_block_per_platform(platform, fields, expected):
+  assert flash_block(tiny_model_cfg(**fields), platform) == expected
 
 
 @pytest.mark.parametrize("fields,platform,seq_len,message", [

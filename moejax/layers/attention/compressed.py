@@ -258,7 +258,7 @@ class V4Attention(nn.Module):
     a = self.cfg.attention
     q_resid, q_BxTxHxDh, kv_BxTxDh = self.project(x_BxTxD, positions_BxT)
     kv_BxTx1xDh = kv_BxTxDh[:, :, None, :]
-    kw = dict(scale=self.scale, window=a.window, block=a.chunk_size)
+    kw = dict(scale=self.scale, window=a.window, block=options.flash_block(self.cfg))
     entries = picks = None
     if self.compression != "none":
       entries = self.compressor(x_BxTxD, positions_BxT, segment_ids_BxT)

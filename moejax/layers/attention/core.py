@@ -138,7 +138,10 @@ def _flash_fwd(q, k, v, seg, scale, window, block):
       s, vis = _block_scores(q_i, k, seg, q_seg_i, i, j, scale, window, block)
       v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=1)
       m_new = jnp.maximum(m, s.max(-1))
-      p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
+      # No second mask: a masked logit is NEG, so exp(s - m_new) is 0 once the row has seen a key; a
+      # row with none yet (m_new = NEG) adds garbage that corr = exp(NEG - m) = 0 wipes when its first
+      # key arrives, and that is certain: the diagonal block, holding the query itself, comes last.
+      p = jnp.exp(s - m_new[..., None])
       corr = jnp.exp(m - m_new)
       acc = acc * corr[..., None] + jnp.einsum("BKGQS,BSKv->BKGQv", p.astype(v.dtype), v_j,
                                                preferred_element_type=jnp.float32)

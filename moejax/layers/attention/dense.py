@@ -80,7 +80,7 @@ class DenseAttention(nn.Module):
     out_BxTxHxDh, max_logit_H = context_parallel.causal_attention(
         q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, segment_ids_BxT, scale=scale, window=self.window(),
         sinks_H=self.sinks_H, kernel=options.attention_kernel(self.cfg, x_BxTxD.shape[1], self.library_kernels),
-        block=a.chunk_size, track_max_logit=a.track_max_logit)
+        block=options.flash_block(self.cfg), track_max_logit=a.track_max_logit)
     core.sow_max_logit(self, max_logit_H, a.track_max_logit)
     return jnp.einsum("BTHK,HKD->BTD", out_BxTxHxDh, self.w_o)
 

@@ -121,7 +121,7 @@ class MLAttention(nn.Module):
   def dense_core(self, p: MLAProjection, segment_ids_BxT, absorbed: bool = False):
     """Causal attention over all previous keys: (out_BxTxHxDv, max_logit_H)."""
     a = self.cfg.attention
-    kw = dict(scale=self.scale, sinks_H=self.sinks_H, block=a.chunk_size, track_max_logit=a.track_max_logit,
+    kw = dict(scale=self.scale, sinks_H=self.sinks_H, block=options.flash_block(self.cfg), track_max_logit=a.track_max_logit,
               kernel=options.attention_kernel(self.cfg, segment_ids_BxT.shape[1]))
     if not absorbed:
       q, k, v = self.expand(p)

@@ -63,17 +63,43 @@ def cudnn_problems(cfg, seq_len: int | None = None, platform: str | None = None,
   return problems
 
 
+# ``auto`` on CPU (docs/benchmarks.md § Attention kernels, benchmarks/attention_kernels.py): XLA:CPU
+# writes every elementwise pass over the [B, H, T, T] scores to memory, so the fused ``xla`` kernel
+# loses to ``chunked`` from 512 tokens on (the chunked forward takes 0.61x its time at 512 tokens,
+# 0.45x at 1024, 0.31x at 2048; forward+backward alike), and the chunked kernel is fastest in
+# 256-token blocks there (512-token blocks: 1.5-2x slower). At 256 tokens ``xla`` is faster. On
+# other platforms ``xla`` holds up to 2048 tokens and ``chunk_size`` is the block.
+XLA_MAX_LEN = {"cpu": 256}
+DEFAULT_XLA_MAX_LEN = 2048
+CPU_BLOCK = 256
+
+
+def xla_max_len(cfg, platform: str | None = None) -> int:
+  """``attention.xla_max_len``, or where it is -1 (the default) the platform's: 256 on CPU, else 2048."""
+  if cfg.attention.xla_max_len >= 0:
+    return cfg.attention.xla_max_len
+  return XLA_MAX_LEN.get(platform or jax.default_backend(), DEFAULT_XLA_MAX_LEN)
+
+
+def flash_block(cfg, platform: str | None = None) -> int:
+  """The block of the ``chunked`` kernel: ``attention.chunk_size``, at most 256 when ``auto`` runs on CPU."""
+  a = cfg.attention
+  if a.implementation == "auto" and (platform or jax.default_backend()) == "cpu":
+    return min(a.chunk_size, CPU_BLOCK)
+  return a.chunk_size
+
+
 def attention_kernel(cfg, seq_len: int, library: bool = False, platform: str | None = None) -> str:
   """The kernel of a dense-type core: ``xla``, ``chunked``, ``cudnn`` or ``tokamax``.
 
   ``auto``: ``cudnn`` on a GPU for types with ``library`` kernels when it
   applies (head dim <= 128, so any cuDNN-capable GPU runs it) up to
   ``cudnn_max_len`` tokens (cuDNN forms no [T, T] scores, only the [B, 1, T, T]
-  bool mask moejax passes); else ``chunked`` above ``xla_max_len``; else
-  ``xla``. On an H100 at T = 4096, cuDNN ran the ~0.9B dense train step 2.6x
-  faster than ``chunked`` (232 vs 615 ms, docs/benchmarks.md). An explicit
-  ``cudnn`` that cannot run here raises a ``ValueError`` naming the field and
-  the fix.
+  bool mask moejax passes); else ``chunked`` above :func:`xla_max_len` (256
+  tokens on CPU, 2048 elsewhere, unless set); else ``xla``. On an H100 at
+  T = 4096, cuDNN ran the ~0.9B dense train step 2.6x faster than ``chunked``
+  (232 vs 615 ms, docs/benchmarks.md). An explicit ``cudnn`` that cannot run
+  here raises a ``ValueError`` naming the field and the fix.
   """
   impl = cfg.attention.implementation
   platform = platform or jax.default_backend()
@@ -87,7 +113,7 @@ def attention_kernel(cfg, seq_len: int, library: bool = False, platform: str | N
   if (library and seq_len <= cfg.attention.cudnn_max_len
       and not cudnn_problems(cfg, seq_len, platform, max_head=128)):
     return "cudnn"
-  if seq_len > cfg.attention.xla_max_len:
+  if seq_len > xla_max_len(cfg, platform):
     return "chunked"
   return "xla"
 

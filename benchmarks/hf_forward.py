@@ -5,7 +5,9 @@
 For each ``model_type`` of ``moejax/interop/archs`` one random transformers model at a shared small
 shape (4 layers, d_model 256, 8 query heads of 32, vocab 4096; MoE: 32 routed experts of width 128,
 top-4, plus one shared expert where the architecture has them; the per-architecture fields are in
-:data:`ARCHS`), with transformers' own initialisation. moejax loads it with
+:data:`ARCHS`), with transformers' own initialisation, except DeepSeek-V4's hash-routing table,
+which transformers initialises to zeros (every token to expert 0) and is drawn here as random
+distinct experts per token, as a trained checkpoint spreads them. moejax loads it with
 ``moejax.interop.hf.from_transformers`` (float32, the config the import gives: attention ``auto``,
 MoE backend ``auto``) and runs ``jax.jit(model.apply)``; transformers runs ``model(ids)`` under
 ``torch.no_grad()`` in float32 with its fastest implementations that run here: SDPA attention where
@@ -73,7 +75,15 @@ def transformers_model(arch: str):
   if experts:
     cfg._experts_implementation = experts
   torch.manual_seed(0)
-  return transformers.AutoModelForCausalLM.from_config(cfg).eval(), attention, experts
+  model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+  rng = np.random.default_rng(0)
+  with torch.no_grad():
+    for name, buffer in model.named_buffers():
+      if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing table: zeros at init, a real checkpoint's is spread
+        experts = cfg.n_routed_experts
+        buffer.copy_(torch.from_numpy(np.stack([rng.permutation(experts)[:buffer.shape[1]]
+                                                for _ in range(buffer.shape[0])])))
+  return model, attention, experts
 
 
 def compare(arch: str, ids: np.ndarray, rounds: int, profile: int) -> dict:

@@ -65,10 +65,10 @@ def cudnn_problems(cfg, seq_len: int | None = None, platform: str | None = None,
 
 # ``auto`` on CPU (docs/benchmarks.md § Attention kernels, benchmarks/attention_kernels.py): XLA:CPU
 # writes every elementwise pass over the [B, H, T, T] scores to memory, so the fused ``xla`` kernel
-# loses to ``chunked`` from 512 tokens on (the chunked forward takes 0.61x its time at 512 tokens,
-# 0.45x at 1024, 0.31x at 2048; forward+backward alike), and the chunked kernel is fastest in
-# 256-token blocks there (512-token blocks: 1.5-2x slower). At 256 tokens ``xla`` is faster. On
-# other platforms ``xla`` holds up to 2048 tokens and ``chunk_size`` is the block.
+# loses to ``chunked`` from 512 tokens on (the chunked forward takes 0.50x its time at 512 tokens,
+# 0.38x at 1024, 0.30x at 2048; forward+backward 0.63x, 0.42x, 0.40x), and the chunked kernel is
+# fastest in 256-token blocks there (512-token blocks: 1.5-2.5x slower). At 256 tokens ``xla`` is
+# faster. On other platforms ``xla`` holds up to 2048 tokens and ``chunk_size`` is the block.
 XLA_MAX_LEN = {"cpu": 256}
 DEFAULT_XLA_MAX_LEN = 2048
 CPU_BLOCK = 256

@@ -80,8 +80,7 @@ def transformers_model(arch: str):
   with torch.no_grad():
     for name, buffer in model.named_buffers():
       if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing table: zeros at init, a real checkpoint's is spread
-        experts = cfg.n_routed_experts
-        buffer.copy_(torch.from_numpy(np.stack([rng.permutation(experts)[:buffer.shape[1]]
+        buffer.copy_(torch.from_numpy(np.stack([rng.permutation(cfg.n_routed_experts)[:buffer.shape[1]]
                                                 for _ in range(buffer.shape[0])])))
   return model, attention, experts
 

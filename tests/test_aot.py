@@ -55,6 +55,20 @@ def test_chip_of_and_capacity_check():
     aot.check_fits(report)
 
 
+def test_roofline_uses_the_model_count_when_xla_counted_a_loop_body_once():
+  """A scanned layer stack: XLA's cost analysis counts the body once, so its FLOPs fall below the model's;
+  the compute time then comes from the model's FLOPs and MFU stays at most 100%."""
+  peak = aot.peak_flops("tpu v5p")
+  report = aot.Report(topology="v5p:4x4x4", chip="v5p", devices=64, mesh={"fsdp": 64}, compile_s=1.0,
+                      memory=dict(arguments=0, outputs=0, aliased=0, temporaries=0, code=0, total=0),
+                      xla_flops=0.2 * peak, xla_bytes=0.0, model_flops=peak, tokens=1, collectives={})
+  r = report.roofline()
+  assert r["compute_s"] == pytest.approx(1.0) and r["mfu_max"] == pytest.approx(1.0)
+  assert report.loops_undercount and "counted each loop body once" in str(report)
+  report.xla_flops = 2.0 * peak  # remat and the optimizer on top of the model's FLOPs: XLA's count holds
+  assert report.roofline()["compute_s"] == pytest.approx(2.0) and "loop body" not in str(report)
+
+
 def test_the_tpu_compilers_out_of_memory_refusal_is_a_clear_does_not_fit():
   err = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                      "(1.68T) exceeds available HBM (95.74G).")

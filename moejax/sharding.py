@@ -23,6 +23,12 @@ from moejax.config import MESH_AXES, ConfigError, mesh_shape
 # The mesh axes that split the batch (outside MoE layers the expert axis is one
 # more data axis); context parallelism and MoE dispatch use the same tuple.
 BATCH_AXES = ("data", "fsdp", "expert")
+# The mesh axes that split the routed experts (expert parallelism): the fsdp axis
+# as well as the expert axis, so a device holds whole experts (E / (fsdp * expert)
+# of them) instead of a d_model slice of every expert, which the MoE layer would
+# gather whole (256 x 4096 x 2048 x 3 bf16 = 12.9 GB a layer in DeepSeek-V4-Flash).
+# See :func:`expert_axes` for the axes actually used when they do not divide E.
+EXPERT_AXES = ("fsdp", "expert")
 
 # Logical name -> mesh axis (or axes). Parameter names shard over fsdp/tensor/
 # expert; activation names (act_*) over data/fsdp/expert for the batch,
@@ -36,17 +42,18 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("act_expert", "expert"),
+    ("expert", EXPERT_AXES),  # before "embed": an expert's d_model is then whole (embed -> fsdp is taken)
     ("layers", None),        # stacked axis of scanned layers (model.scan_layers): not split; the others are
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
-    ("lora", None),          # low-rank widths (MLA / V4 q, kv and output ranks)
+    ("lora", "fsdp"),        # low-rank widths (MLA / V4 q, kv and output ranks): fsdp where no embed axis took it
+                             # (w_q_b [lora, heads, head_dim] would otherwise be whole on every device without tensor)
     ("index_heads", None),   # lightning-indexer heads (few, narrow)
     ("o_groups", "tensor"),  # V4 grouped output projection: groups of heads
     ("mlp", "tensor"),
-    ("expert", "expert"),
     ("norm", None),
 )
 
@@ -130,12 +137,28 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]
   return Mesh(device_array(devices, mesh_shape(mesh_cfg, len(devices)), dcn_shape(mesh_cfg)), MESH_AXES)
 
 
+def divisible_axes(size: int, axes: tuple[str, ...], mesh_shape) -> tuple[str, ...]:
+  """``axes`` less leading axes until the product of their sizes divides ``size`` (possibly ())."""
+  while axes and size % math.prod(mesh_shape.get(a, 1) for a in axes):
+    axes = axes[1:]
+  return axes
+
+
+def expert_axes(mesh_shape, num_experts: int) -> tuple[str, ...]:
+  """The mesh axes (size > 1) that split ``num_experts`` routed experts, as :func:`logical_sharding` places
+  them: :data:`EXPERT_AXES`, less leading axes until they divide ``num_experts`` (e.g. 8 experts on
+  fsdp=16, expert=2: only ``expert``). () means every device holds every expert."""
+  return tuple(a for a in divisible_axes(num_experts, EXPERT_AXES, mesh_shape) if mesh_shape.get(a, 1) > 1)
+
+
 def logical_sharding(mesh: Mesh, boxed_tree):
   """NamedShardings for a tree of (possibly) logically partitioned leaves.
 
   Leaves without logical metadata (step counters, scalars) are replicated. A
   dimension whose size the mesh axes do not divide (e.g. 2 kv heads on
-  ``tensor=4``) is replicated along those axes instead of failing.
+  ``tensor=4``) is replicated along those axes instead of failing; a dimension
+  mapped to several axes (experts: :data:`EXPERT_AXES`) first drops leading
+  axes until the rest divide it (:func:`divisible_axes`).
   """
   specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), LOGICAL_RULES)
   leaves = nn.meta.unbox(boxed_tree)
@@ -145,8 +168,9 @@ def logical_sharding(mesh: Mesh, boxed_tree):
       return leaf
     dims = []
     for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
-      names = axes if isinstance(axes, tuple) else (axes,)
-      ways = math.prod(mesh.shape[a] for a in names if a is not None)
+      if isinstance(axes, tuple):
+        axes = divisible_axes(size, axes, dict(mesh.shape)) or None
+      ways = mesh.shape[axes] if isinstance(axes, str) else math.prod(mesh.shape[a] for a in axes or ())
       dims.append(axes if size % ways == 0 else None)
     return NamedSharding(mesh, P(*dims))
 

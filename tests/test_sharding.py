@@ -8,7 +8,7 @@ import pytest
 
 from moejax.config import MESH_AXES, ConfigError, base_config
 from moejax.validation import validate
-from moejax.sharding import NETWORK_ORDER, device_array, make_mesh
+from moejax.sharding import NETWORK_ORDER, device_array, expert_axes, logical_sharding, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,3 +114,29 @@ def test_dcn_validation_accepts_a_valid_hybrid_mesh():
   cfg.mesh.update(dcn_data=2, dcn_fsdp=2)
   cfg.train.batch_size = 32
   validate(cfg, num_devices=32)
+
+
+@pytest.mark.parametrize("axes,num_experts,want", [
+    (dict(fsdp=4, expert=2), 8, ("fsdp", "expert")),  # whole experts, E / 8 per device; d_model whole
+    (dict(fsdp=8), 16, ("fsdp",)),
+    (dict(fsdp=4, expert=2), 6, ("expert",)),          # fsdp * expert does not divide E: the expert axis alone
+    (dict(data=8), 8, ()),
+])
+def test_experts_split_over_fsdp_and_expert(devices, axes, num_experts, want):
+  """logical_sharding and the MoE dispatch (expert_axes) agree on the mesh axes that split the experts;
+  low-rank weights without an embed axis (V4's w_q_b, w_o_a) are split over fsdp, the others keep fsdp on embed."""
+  import flax.linen as nn
+  import jax
+
+  mesh = make_mesh(_mesh_cfg(**axes).mesh, devices)
+  box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32), names)
+  tree = {"w_gate": box((num_experts, 16, 8), ("expert", "embed", "mlp")),
+          "w_q_b": box((16, 4, 8), ("lora", "heads", "head_dim")),
+          "w_o_b": box((2, 16, 32), ("o_groups", "lora", "embed"))}
+  specs = {k: v.spec for k, v in logical_sharding(mesh, tree).items()}
+  assert expert_axes(dict(mesh.shape), num_experts) == want
+  entry = specs["w_gate"][0]
+  assert tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if mesh.shape[a] > 1) == want
+  assert specs["w_gate"][1] is None or "fsdp" not in want  # an expert's d_model stays whole when fsdp splits experts
+  fsdp = "fsdp" if mesh.shape["fsdp"] > 1 else None
+  assert specs["w_q_b"][0] in (fsdp, "fsdp") and specs["w_o_b"][1] is None and specs["w_o_b"][2] == "fsdp"

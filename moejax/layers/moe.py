@@ -36,6 +36,7 @@ from moejax.layers.moe_dispatch import (BACKENDS, DispatchSpec, ExpertWeights, d
                                         unavailable_because)
 from moejax.layers.routers import ROUTERS, RouterAux, replayable
 from moejax.layers.balancing import validate_balancing
+from moejax.sharding import expert_axes
 
 EXPERT_LOAD_METRIC = "expert_load"  # the trainer's expert-collapse warning reads it
 
@@ -107,7 +108,7 @@ class MoE(nn.Module):
                             param("w_up", (e, d, f), ("expert", "embed", "mlp")),
                             param("w_down", (e, f, d), ("expert", "mlp", "embed")))
     mesh = jax.sharding.get_abstract_mesh()
-    expert_parallel = not mesh.empty and mesh.shape.get("expert", 1) > 1
+    expert_parallel = not mesh.empty and bool(expert_axes(mesh.shape, e))
     spec = DispatchSpec(num_experts=e, top_k=moe.top_k, dropless=moe.dispatch == "dropless",
                         capacity_factor=moe.capacity_factor,
                         backend=resolve_backend(moe.backend, moe.dispatch == "dropless", expert_parallel),

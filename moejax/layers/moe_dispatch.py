@@ -35,9 +35,10 @@ Backends (``BACKENDS``; ``auto`` picks per platform, see ``resolve_backend``):
   dispatch/combine tensors; capacity mode only; kept as the naive baseline.
 
 Expert parallelism: under a mesh (``jax.set_mesh``) the dispatch runs in
-``jax.shard_map``; each device routes its own tokens, and with
-``mesh.expert = P > 1`` the experts are split over the ``expert`` axis and
-the padded buffers go to their experts with ``all_to_all`` and come back.
+``jax.shard_map``; each device routes its own tokens, and the experts are
+split over the ``fsdp`` and ``expert`` axes (``moejax.sharding.expert_axes``:
+P = fsdp * expert devices hold E / P whole experts each); the padded buffers
+go to their experts with ``all_to_all`` over those axes and come back.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 from moejax.layers import library_kernels
 from moejax.layers.mlp import swiglu
 from moejax.registry import Registry
-from moejax.sharding import BATCH_AXES  # mesh axes that split the batch
+from moejax.sharding import BATCH_AXES, expert_axes  # mesh axes that split the batch, and the experts
 
 # Dropless ``einsum`` capacities, as multiples of the mean load N * top_k / E
 # (rounded up to 8 rows); the number of tokens N always closes the ladder.
@@ -85,7 +86,7 @@ class DispatchSpec:
 class Backend(NamedTuple):
   """A grouped-matmul backend, the modes it supports and the module it needs."""
 
-  fn: Callable  # (x_NxD, expert_AxN, weight_AxN, ExpertWeights, DispatchSpec, ep_size) -> (y_NxD, dropped)
+  fn: Callable  # (x_NxD, expert_AxN, weight_AxN, ExpertWeights, DispatchSpec, ep_axes) -> (y_NxD, dropped)
   dropless: bool
   capacity: bool
   expert_parallel: bool
@@ -196,23 +197,30 @@ def _down(h_ExCxF, w_down_ExFxD):
 
 class _Exchange(NamedTuple):
   """Moves a padded ``[E, C, X]`` buffer to the devices holding the experts
-  (``[E/P, P*C, X]``, rows grouped by source device) and back."""
+  (``[E/P, P*C, X]``, rows grouped by source device) and back; ``axes``: the
+  mesh axes splitting the experts (() = none), P the product of their sizes."""
 
-  ep_size: int
+  axes: tuple[str, ...]
+
+  @property
+  def size(self) -> int:
+    return math.prod(jax.lax.axis_size(a) for a in self.axes)
 
   def to_experts(self, a_ExCxX):
-    if self.ep_size == 1:
+    if not self.axes:
       return a_ExCxX
     e, c, x = a_ExCxX.shape
-    a = jax.lax.all_to_all(a_ExCxX.reshape(self.ep_size, e // self.ep_size, c, x), "expert", 0, 0, tiled=True)
-    return a.transpose(1, 0, 2, 3).reshape(e // self.ep_size, self.ep_size * c, x)
+    p = self.size
+    a = jax.lax.all_to_all(a_ExCxX.reshape(p, e // p, c, x), self.axes, 0, 0, tiled=True)
+    return a.transpose(1, 0, 2, 3).reshape(e // p, p * c, x)
 
   def from_experts(self, a_LxPCxX):
-    if self.ep_size == 1:
+    if not self.axes:
       return a_LxPCxX
     el, pc, x = a_LxPCxX.shape
-    a = a_LxPCxX.reshape(el, self.ep_size, pc // self.ep_size, x).transpose(1, 0, 2, 3)
-    return jax.lax.all_to_all(a, "expert", 0, 0, tiled=True).reshape(el * self.ep_size, pc // self.ep_size, x)
+    p = self.size
+    a = a_LxPCxX.reshape(el, p, pc // p, x).transpose(1, 0, 2, 3)
+    return jax.lax.all_to_all(a, self.axes, 0, 0, tiled=True).reshape(el * p, pc // p, x)
 
 
 def _pad(a_NxX, maps: PaddedMaps, num_tokens: int | None = None):
@@ -249,7 +257,7 @@ def _padded_experts(caps: tuple[int, ...], limit: float, exchange: _Exchange, br
 
 
 def _padded_experts_fwd(caps, limit, exchange, branch, x_NxD, plan, w):
-  keep = exchange.ep_size == 1
+  keep = not exchange.axes
 
   def forward(cap, x_NxD, w):
     maps = padded_maps(plan, cap)
@@ -287,18 +295,18 @@ def _padded_experts_bwd(caps, limit, exchange, res, dy_MxD):
 _padded_experts.defvjp(_padded_experts_fwd, _padded_experts_bwd)
 
 
-def _einsum_dispatch(x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
+def _einsum_dispatch(x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec, ep_axes: tuple[str, ...]):
   k, n = expert_AxN.shape
   plan = make_plan(expert_AxN, spec.num_experts)
   if spec.dropless:
     caps = dropless_capacities(n, spec.top_k, spec.num_experts)
     most = jnp.max(plan.counts_E)
-    if ep_size > 1:  # every device of an all_to_all group must take the same branch
-      most = jax.lax.pmax(most, "expert")
+    if ep_axes:  # every device of an all_to_all group must take the same branch
+      most = jax.lax.pmax(most, ep_axes)
     branch = jnp.searchsorted(jnp.asarray(caps), most).astype(jnp.int32)
   else:
     caps, branch = (capacity(n, spec.top_k, spec.num_experts, spec.capacity_factor),), jnp.zeros((), jnp.int32)
-  y_M = _padded_experts(caps, spec.swiglu_limit, _Exchange(ep_size), branch, x_NxD, plan, w)
+  y_M = _padded_experts(caps, spec.swiglu_limit, _Exchange(tuple(ep_axes)), branch, x_NxD, plan, w)
   dropped = jnp.sum((plan.expert_M < spec.num_experts) & (plan.rank_M >= jnp.asarray(caps)[branch]))
   return _combine(y_M.reshape(k, n, -1), weight_AxN), dropped
 
@@ -309,10 +317,10 @@ BACKENDS.register("einsum")(Backend(_einsum_dispatch, dropless=True, capacity=Tr
 # ----------------------------------------------------------------------------- ragged_dot, tokamax
 
 def _grouped_dispatch(ragged_dot: Callable, x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec,
-                      ep_size: int):
+                      ep_axes: tuple[str, ...]):
   """Sort assignments by expert, ``ragged_dot(x_MxD, w_ExDxF, counts_E)`` per
   projection, unsort; dropless, no padding."""
-  del ep_size
+  del ep_axes
   k, n = expert_AxN.shape
   plan = make_plan(expert_AxN, spec.num_experts)
   x_MxD = x_NxD[plan.order_M % n]  # sorted by expert; empty slots sort last, outside every group
@@ -336,8 +344,8 @@ BACKENDS.register("tokamax")(Backend(functools.partial(_grouped_dispatch, _tokam
 
 # ----------------------------------------------------------------------------- onehot
 
-def _onehot_dispatch(x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec, ep_size: int):
-  del ep_size
+def _onehot_dispatch(x_NxD, expert_AxN, weight_AxN, w: ExpertWeights, spec: DispatchSpec, ep_axes: tuple[str, ...]):
+  del ep_axes
   k, n = expert_AxN.shape
   e = spec.num_experts
   cap = capacity(n, spec.top_k, e, spec.capacity_factor)
@@ -366,18 +374,20 @@ def dispatch(x_BxTxD, expert_BxTxA, weight_BxTxA, w: ExpertWeights, spec: Dispat
   Without a mesh (or when no token axis is split) the backend runs directly.
   Under a mesh it runs per device in ``jax.shard_map`` on that device's
   tokens (batch over data/fsdp/expert, length over context), with the
-  experts split over ``expert``; so capacity is per device-local token group
-  (as in GShard). Mesh axes other than moejax's count as size 1.
+  experts split over ``expert_axes`` (fsdp and expert) for a backend that
+  supports expert parallelism (the others get every expert, gathered); so
+  capacity is per device-local token group (as in GShard). Mesh axes other
+  than moejax's count as size 1.
   """
   backend = BACKENDS.get(spec.backend)
   mesh = jax.sharding.get_abstract_mesh()
   x_BxTxD, expert_BxTxA, weight_BxTxA = map(jnp.asarray, (x_BxTxD, expert_BxTxA, weight_BxTxA))
 
-  def local(x_BxTxD, expert_BxTxA, weight_BxTxA, w, ep_size=1):
+  def local(x_BxTxD, expert_BxTxA, weight_BxTxA, w, ep_axes=()):
     b, t, d = x_BxTxD.shape
     to_AxN = lambda a: a.reshape(b * t, -1).T
     y_NxD, dropped = backend.fn(x_BxTxD.reshape(b * t, d), to_AxN(expert_BxTxA), to_AxN(weight_BxTxA), w, spec,
-                                ep_size)
+                                ep_axes)
     return y_NxD.reshape(b, t, d), dropped
 
   size = {a: mesh.shape.get(a, 1) for a in (*BATCH_AXES, "context")} if not mesh.empty else {}
@@ -388,19 +398,20 @@ def dispatch(x_BxTxD, expert_BxTxA, weight_BxTxA, w: ExpertWeights, spec: Dispat
     # No mesh, or a batch the mesh cannot split (e.g. the one-row dummy of
     # model.init): the plain computation, partitioned by the compiler.
     return local(x_BxTxD, expert_BxTxA, weight_BxTxA, w)
-  ep_size = size["expert"]
+  # Expert axes split the batch too (BATCH_AXES), so every device of an all_to_all group has its own tokens.
+  ep_axes = expert_axes(mesh.shape, spec.num_experts) if backend.expert_parallel else ()
   summed_axes = token_axes + ((context,) if context else ())
-  replicated_axes = tuple(a for a in summed_axes if a != "expert")  # same experts, different tokens
+  replicated_axes = tuple(a for a in summed_axes if a not in ep_axes)  # same experts, different tokens
 
   def per_device(x_BxTxD, expert_BxTxA, weight_BxTxA, w):
     # Each device computes weight gradients from its own tokens; marking the
     # weights as varying over those axes makes AD sum the gradients there.
     if replicated_axes:
       w = jax.tree.map(lambda a: jax.lax.pcast(a, replicated_axes, to="varying"), w)
-    y, dropped = local(x_BxTxD, expert_BxTxA, weight_BxTxA, w, ep_size)
+    y, dropped = local(x_BxTxD, expert_BxTxA, weight_BxTxA, w, ep_axes)
     return y, jax.lax.psum(dropped, summed_axes) if summed_axes else dropped
 
   tok = P(token_axes or None, context)
-  wspec = P("expert" if ep_size > 1 else None)
+  wspec = P(ep_axes or None)
   return jax.shard_map(per_device, in_specs=(tok, tok, tok, ExpertWeights(wspec, wspec, wspec)),
                        out_specs=(tok, P()))(x_BxTxD, expert_BxTxA, weight_BxTxA, w)

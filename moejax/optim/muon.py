@@ -20,8 +20,9 @@ call. Under a mesh (``jax.set_mesh``) each stack is laid out so that every
 device holds *whole* matrices (along the mesh axes the parameters are
 sharded over) before the iteration, and the results go back to the
 parameters' layout: a matrix is gathered onto one device, never onto all,
-and expert stacks sharded on ``expert`` are orthogonalized where they lie,
-without any collective.
+and expert stacks (experts split over ``fsdp`` and ``expert``,
+``moejax.sharding.EXPERT_AXES``; also stacked over scanned layers) are
+orthogonalized where they lie, without any collective.
 """
 
 from __future__ import annotations
@@ -128,13 +129,28 @@ def _owner_axes(spec: MatrixSpec, pspec, ndim: int, mesh) -> tuple[str, ...]:
   return tuple(names)
 
 
+def _sharded_batch_first(spec: MatrixSpec, pspec, mesh) -> MatrixSpec:
+  """``spec`` with the batch axes that are sharded (over mesh axes of size > 1) moved first, so that
+  flattening the batch keeps them major: a stack [layers, experts / P, ...] of experts split over P
+  devices flattens to matrices those devices already hold, with no data moved."""
+  entries = list(pspec) + [None] * (max(spec.batch + spec.fan_in + spec.fan_out) + 1 - len(pspec))
+  is_sharded = lambda dim: any(n is not None and mesh.shape[n] > 1
+                               for n in (entries[dim] if isinstance(entries[dim], tuple) else (entries[dim],)))
+  batch = tuple(d for d in spec.batch if is_sharded(d)) + tuple(d for d in spec.batch if not is_sharded(d))
+  return dataclasses.replace(spec, batch=batch)
+
+
 def _orthogonalize(leaves: list[tuple[str, jax.Array, MatrixSpec]], mesh_specs: dict, coefficients: str,
                    ns_steps: int, ns_dtype) -> tuple[list[jax.Array], list[jax.Array]]:
   """NS of every leaf, same-shape leaves batched; returns (outputs, per-leaf max error)."""
   mesh = jax.sharding.get_abstract_mesh()
   sharded = not mesh.empty and mesh.size > 1
   groups: dict[tuple, list[int]] = {}
+  leaves = list(leaves)
   for i, (path, x, spec) in enumerate(leaves):
+    if sharded and path in mesh_specs:
+      spec = _sharded_batch_first(spec, mesh_specs[path], mesh)
+      leaves[i] = (path, x, spec)
     owner = _owner_axes(spec, mesh_specs[path], x.ndim, mesh) if sharded and path in mesh_specs else ()
     key = (tuple(x.shape[a] for a in spec.batch), spec.sizes(x.shape), x.dtype, owner)
     groups.setdefault(key, []).append(i)

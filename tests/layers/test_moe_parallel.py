@@ -27,9 +27,10 @@ MESHES = {
     "data=2,fsdp=2,expert=2": dict(data=2, fsdp=2, expert=2),
     "fsdp=2,expert=2,context=2": dict(fsdp=2, expert=2, context=2),
     "data=4,tensor=2 (no EP)": dict(data=4, tensor=2),
+    "fsdp=8 (EP over fsdp)": dict(fsdp=8),  # moejax.sharding.EXPERT_AXES: experts split over fsdp too
 }
 CASES = [("expert=8", "dropless"), ("data=2,fsdp=2,expert=2", "dropless"), ("fsdp=2,expert=2,context=2", "dropless"),
-         ("data=4,tensor=2 (no EP)", "capacity")]
+         ("data=4,tensor=2 (no EP)", "capacity"), ("fsdp=8 (EP over fsdp)", "capacity")]
 
 
 def _mesh(devices, axes):
@@ -66,8 +67,9 @@ def test_expert_parallel_layer_equals_single_device(devices, axes, dispatch):
     (_, y), grads = jax.jit(grad_fn, in_shardings=(param_shardings, x_sharding))(params, jax.device_put(x, x_sharding))
   chex.assert_trees_all_close(y, single_y, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(grads, single_grads, rtol=1e-4, atol=1e-6)
-  if MESHES[axes].get("expert", 1) > 1:
-    assert "expert" in str(params["w_gate"].sharding.spec)
+  for axis in ("fsdp", "expert"):  # experts split over both (and the d_model of each expert whole)
+    if MESHES[axes].get(axis, 1) > 1:
+      assert axis in params["w_gate"].sharding.spec[0] and params["w_gate"].sharding.spec[1] is None
 
 
 def test_documented_router_trains_under_an_expert_mesh_as_on_one_device(tmp_path, devices, monkeypatch, caplog):

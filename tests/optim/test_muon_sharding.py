@@ -77,6 +77,22 @@ def test_sharded_muon_equals_single_device(devices, single_device_result, mesh):
   np.testing.assert_allclose(metrics["layer_0/ns_error"], single_device_result[1]["layer_0/ns_error"], rtol=1e-4)
 
 
+@pytest.mark.multidevice
+def test_sharded_muon_on_scanned_expert_stacks_equals_single_device(devices):
+  """Scanned layers stack experts [layers, E, D, F] with E split over fsdp x expert: the split axis is
+  flattened first (no data moved, see the collectives test below) and the update is the single-device one."""
+  def cfg(mesh):
+    c = _muon_cfg()
+    c.model.update(num_layers=3, mlp_types=("soft_experts_for_tests",) * 3, scan_layers=True)
+    c.mesh.update(mesh)
+    return c
+
+  single_params, single_metrics = _params_after(cfg({}), devices[:1])
+  params, metrics = _params_after(cfg(dict(fsdp=4, expert=2)), devices)
+  chex.assert_trees_all_close(params, single_params, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(metrics["scanned/ns_error"], single_metrics["scanned/ns_error"], rtol=1e-4)
+
+
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 
 
@@ -86,12 +102,16 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
   return re.findall(rf"= (.+?) ({ops})(?:-start)?\(", hlo)
 
 
-def _compiled_expert_update(devices, mesh, diagnostics):
-  """The compiled Muon update of the expert stacks, laid out as the Experiment lays them."""
+def _compiled_expert_update(devices, mesh, diagnostics, layers=1):
+  """The compiled Muon update of the expert stacks, laid out as the Experiment lays them (``layers`` > 1:
+  scanned, stacked [layers, E, ...])."""
   cfg = _muon_cfg()
   cfg.mesh.update(mesh)
+  if layers > 1:
+    cfg.model.update(num_layers=layers, mlp_types=("soft_experts_for_tests",) * layers, scan_layers=True)
   exp = Experiment(cfg, devices)
-  pick = lambda tree: {k: v for k, v in tree["layer_0"]["mlp"].items() if k != "router"}
+  module = ("scanned", "block_0") if layers > 1 else ("layer_0",)
+  pick = lambda tree: {k: v for k, v in _at(tree, module)["mlp"].items() if k != "router"}
   params = pick(exp.abstract_state.params)
   shardings = pick(exp.state_shardings.params)
   tx = scale_by_muon(logical_axes=pick(exp.layout.logical_axes), mesh_axes=pick(exp.layout.mesh_axes),
@@ -102,6 +122,12 @@ def _compiled_expert_update(devices, mesh, diagnostics):
     return update.lower(params, state, None).compile().as_text()
 
 
+def _at(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
 @pytest.mark.multidevice
 def test_expert_stacks_orthogonalize_without_collectives(devices):
   hlo = _compiled_expert_update(devices, dict(expert=8), diagnostics=False)
@@ -110,6 +136,10 @@ def test_expert_stacks_orthogonalize_without_collectives(devices):
   # Diagnostics (per-layer ns_error) reduce scalars across experts, nothing else.
   assert with_diagnostics and all(op == "all-reduce" and re.fullmatch(r"\(?f32\[\](, f32\[\])*\)?", ty)
                                   for ty, op in with_diagnostics), with_diagnostics
-  # The counter does see collectives: matrices sharded on fsdp move to an owner device (all-to-all).
-  assert {op for _, op in collectives(_compiled_expert_update(devices, dict(fsdp=8), diagnostics=False))} == {
+  # Experts split over fsdp (moejax.sharding.EXPERT_AXES) stay put too, also stacked over scanned layers
+  # (the sharded expert axis is flattened first).
+  assert collectives(_compiled_expert_update(devices, dict(fsdp=4, expert=2), diagnostics=False)) == []
+  assert collectives(_compiled_expert_update(devices, dict(fsdp=8), diagnostics=False, layers=3)) == []
+  # The counter does see collectives: matrices sharded on a matrix axis move to an owner device (all-to-all).
+  assert {op for _, op in collectives(_compiled_expert_update(devices, dict(tensor=8), diagnostics=False))} == {
       "all-to-all"}

@@ -7,7 +7,7 @@ The kernel core alone (``moejax.layers.attention.core.causal_attention``), batch
 sharing 2 kv heads, head dim 32 (the GQA shape of ``benchmarks/hf_forward.py``), float32, one
 segment per row. At each length every variant runs once per round, the order rotating; the ratio
 is to ``xla`` in the same round. This is what ``attention.implementation="auto"`` is tuned from on
-each platform (``moejax.layers.attention.options``: ``XLA_MAX_LEN``, ``CPU_BLOCK``). Raw results
+each platform (``moejax.layers.attention.options``: ``CPU_XLA_MAX_LEN``, ``CPU_BLOCK``). Raw results
 and provenance go to ``benchmarks/results/attention_kernels/``.
 """
 

@@ -207,9 +207,9 @@ def attention_config() -> ml_collections.ConfigDict:
       # (O(T * chunk_size) memory); dense/sliding only: "cudnn" (GPU, bf16/fp16, no sinks),
       # "tokamax" (the kernels extra, no sinks). "auto": cudnn on a GPU where it applies up to
       # cudnn_max_len, else chunked above xla_max_len, else xla (docs/attention.md#kernels);
-      # on CPU auto's chunked kernel runs in blocks of at most 256 tokens.
+      # on CPU auto switches at min(xla_max_len, 256) and runs chunked in blocks of at most 256.
       implementation="auto",     # auto | xla | chunked | cudnn | tokamax
-      xla_max_len=-1,            # -1: the platform's (256 on CPU, 2048 elsewhere)
+      xla_max_len=2048,
       cudnn_max_len=8192,        # auto on GPU: longest T on cuDNN (its [B, T, T] bool mask: 256 MiB at B=4, T=8192)
       chunk_size=512,            # block of the chunked kernel and query chunk of sparse types
       window=128,                # sliding window (sliding, swa, csa, hca): t sees s iff t - window < s <= t

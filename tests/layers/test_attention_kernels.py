@@ -81,7 +81,9 @@ def test_cudnn_equals_xla_in_value_and_gradient(case):
     ("cpu", {}, True, 256, "xla"),
     ("cpu", {}, True, 258, "chunked"),              # XLA:CPU writes every pass over [T, T] to memory
     ("cpu", {}, False, 1024, "chunked"),
-    ("cpu", {"attention": {"xla_max_len": 4096}}, True, 1024, "xla"),  # a set value holds everywhere
+    ("cpu", {"attention": {"xla_max_len": 4096}}, True, 1024, "chunked"),  # CPU: at most 256 on xla
+    ("cpu", {"attention": {"xla_max_len": 128}}, True, 200, "chunked"),
+    ("tpu", {"attention": {"xla_max_len": 4096}}, True, 4096, "xla"),
     ("gpu", {"attention": {"xla_max_len": 0}}, False, 64, "chunked"),
 ])
 def test_auto_picks_the_kernel_per_platform(platform, fields, library, seq_len, expected):

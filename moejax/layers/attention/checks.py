@@ -42,7 +42,7 @@ def validate_attention(cfg: ml_collections.ConfigDict, types: set[str]) -> list[
   _need(e, a.implementation in ATTENTION_IMPLEMENTATIONS,
         f"{w}.implementation={a.implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}.")
   _need(e, a.chunk_size >= 1, f"{w}.chunk_size={a.chunk_size} must be >= 1 (e.g. 512).")
-  _need(e, a.xla_max_len >= -1, f"{w}.xla_max_len={a.xla_max_len} must be >= 0 (or -1: the platform's default).")
+  _need(e, a.xla_max_len >= 0, f"{w}.xla_max_len={a.xla_max_len} must be >= 0.")
   _need(e, a.cudnn_max_len >= 0, f"{w}.cudnn_max_len={a.cudnn_max_len} must be >= 0 (0: never cuDNN under auto).")
   _need(e, a.rope_layout in ROPE_LAYOUTS, f"{w}.rope_layout={a.rope_layout!r} is not one of {ROPE_LAYOUTS}.")
   _need(e, a.compress_rope_theta >= 0, f"{w}.compress_rope_theta={a.compress_rope_theta} must be >= 0 "

@@ -69,16 +69,15 @@ def cudnn_problems(cfg, seq_len: int | None = None, platform: str | None = None,
 # 0.38x at 1024, 0.30x at 2048; forward+backward 0.63x, 0.42x, 0.40x), and the chunked kernel is
 # fastest in 256-token blocks there (512-token blocks: 1.5-2.5x slower). At 256 tokens ``xla`` is
 # faster. On other platforms ``xla`` holds up to 2048 tokens and ``chunk_size`` is the block.
-XLA_MAX_LEN = {"cpu": 256}
-DEFAULT_XLA_MAX_LEN = 2048
+CPU_XLA_MAX_LEN = 256
 CPU_BLOCK = 256
 
 
 def xla_max_len(cfg, platform: str | None = None) -> int:
-  """``attention.xla_max_len``, or where it is -1 (the default) the platform's: 256 on CPU, else 2048."""
-  if cfg.attention.xla_max_len >= 0:
-    return cfg.attention.xla_max_len
-  return XLA_MAX_LEN.get(platform or jax.default_backend(), DEFAULT_XLA_MAX_LEN)
+  """The longest T ``auto`` runs on ``xla``: ``attention.xla_max_len``, at most 256 on CPU."""
+  if (platform or jax.default_backend()) == "cpu":
+    return min(cfg.attention.xla_max_len, CPU_XLA_MAX_LEN)
+  return cfg.attention.xla_max_len
 
 
 def flash_block(cfg, platform: str | None = None) -> int:
@@ -95,8 +94,8 @@ def attention_kernel(cfg, seq_len: int, library: bool = False, platform: str | N
   ``auto``: ``cudnn`` on a GPU for types with ``library`` kernels when it
   applies (head dim <= 128, so any cuDNN-capable GPU runs it) up to
   ``cudnn_max_len`` tokens (cuDNN forms no [T, T] scores, only the [B, 1, T, T]
-  bool mask moejax passes); else ``chunked`` above :func:`xla_max_len` (256
-  tokens on CPU, 2048 elsewhere, unless set); else ``xla``. On an H100 at
+  bool mask moejax passes); else ``chunked`` above :func:`xla_max_len`
+  (``attention.xla_max_len``, at most 256 on CPU); else ``xla``. On an H100 at
   T = 4096, cuDNN ran the ~0.9B dense train step 2.6x faster than ``chunked``
   (232 vs 615 ms, docs/benchmarks.md). An explicit ``cudnn`` that cannot run
   here raises a ``ValueError`` naming the field and the fix.

@@ -117,26 +117,25 @@ class MuonState(NamedTuple):
   metrics: dict[str, jax.Array]  # "layer_i/ns_error" (see optimizer_metrics)
 
 
+def _sharded_dims(pspec, ndim: int, mesh) -> list[tuple[str, ...]]:
+  """Per dimension of a leaf with partition spec ``pspec``: the mesh axes (size > 1) that split it."""
+  entries = list(pspec) + [None] * (ndim - len(pspec))
+  return [tuple(n for n in (e if isinstance(e, tuple) else (e,)) if n is not None and mesh.shape[n] > 1)
+          for e in entries]
+
+
 def _owner_axes(spec: MatrixSpec, pspec, ndim: int, mesh) -> tuple[str, ...]:
   """Mesh axes (size > 1) the leaf is sharded over: batch axes first, then matrix axes."""
-  entries = list(pspec) + [None] * (ndim - len(pspec))
-  names = []
-  for dim in spec.batch + spec.fan_in + spec.fan_out:
-    entry = entries[dim]
-    for name in (entry if isinstance(entry, tuple) else (entry,)):
-      if name is not None and mesh.shape[name] > 1 and name not in names:
-        names.append(name)
-  return tuple(names)
+  dims = _sharded_dims(pspec, ndim, mesh)
+  return tuple(dict.fromkeys(n for dim in spec.batch + spec.fan_in + spec.fan_out for n in dims[dim]))
 
 
-def _sharded_batch_first(spec: MatrixSpec, pspec, mesh) -> MatrixSpec:
+def _sharded_batch_first(spec: MatrixSpec, pspec, ndim: int, mesh) -> MatrixSpec:
   """``spec`` with the batch axes that are sharded (over mesh axes of size > 1) moved first, so that
   flattening the batch keeps them major: a stack [layers, experts / P, ...] of experts split over P
   devices flattens to matrices those devices already hold, with no data moved."""
-  entries = list(pspec) + [None] * (max(spec.batch + spec.fan_in + spec.fan_out) + 1 - len(pspec))
-  is_sharded = lambda dim: any(n is not None and mesh.shape[n] > 1
-                               for n in (entries[dim] if isinstance(entries[dim], tuple) else (entries[dim],)))
-  batch = tuple(d for d in spec.batch if is_sharded(d)) + tuple(d for d in spec.batch if not is_sharded(d))
+  dims = _sharded_dims(pspec, ndim, mesh)
+  batch = tuple(d for d in spec.batch if dims[d]) + tuple(d for d in spec.batch if not dims[d])
   return dataclasses.replace(spec, batch=batch)
 
 
@@ -149,7 +148,7 @@ def _orthogonalize(leaves: list[tuple[str, jax.Array, MatrixSpec]], mesh_specs: 
   leaves = list(leaves)
   for i, (path, x, spec) in enumerate(leaves):
     if sharded and path in mesh_specs:
-      spec = _sharded_batch_first(spec, mesh_specs[path], mesh)
+      spec = _sharded_batch_first(spec, mesh_specs[path], x.ndim, mesh)
       leaves[i] = (path, x, spec)
     owner = _owner_axes(spec, mesh_specs[path], x.ndim, mesh) if sharded and path in mesh_specs else ()
     key = (tuple(x.shape[a] for a in spec.batch), spec.sizes(x.shape), x.dtype, owner)
